@@ -1,0 +1,149 @@
+"""The op API the model calls (SPEC section 2). Every op takes ``backend`` ("auto", "torch", "cuda",
+"neuron") and dispatches through :mod:`bmojo.ops.registry`. Layout is token-major: (batch, T, ...).
+
+Naive references, the test oracle for every backend, live beside the fast code in each op's folder
+(``bmojo/ops/<op>/naive.py``) and are re-exported here with a ``_ref`` suffix.
+"""
+from __future__ import annotations
+
+import torch
+
+from .attention.naive import attention_decode_ref, bmojo_attention_ref, bmojo_visibility_masks
+from .causal_conv1d.naive import causal_conv1d_ref, causal_conv1d_update_ref
+from .innovation.chunk import merge_memory
+from .innovation.naive import innovation_scores_ref, innovation_select_ref
+from .registry import (
+    BACKEND_NAMES,
+    OP_NAMES,
+    BackendUnavailableError,
+    available_backends,
+    register_backend,
+    resolve,
+)
+from .selective_scan.naive import selective_scan_ref, selective_state_update_ref
+
+__all__ = [
+    "selective_scan", "selective_state_update", "causal_conv1d", "causal_conv1d_update",
+    "bmojo_attention", "attention_decode", "innovation_select", "innovation_scores", "merge_memory",
+    "available_backends", "register_backend", "BackendUnavailableError", "BACKEND_NAMES", "OP_NAMES",
+    "selective_scan_ref", "selective_state_update_ref", "causal_conv1d_ref", "causal_conv1d_update_ref",
+    "bmojo_attention_ref", "attention_decode_ref", "innovation_select_ref", "innovation_scores_ref",
+    "bmojo_visibility_masks",
+]
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _check_scan_shapes(x, dt, A, B, C, D, z, dt_bias, token_axis: bool):
+    lead = "(b, T, d)" if token_axis else "(b, d)"
+    nd = 3 if token_axis else 2
+    _check(x.dim() == nd, f"selective_scan: x must be {lead}, got shape {tuple(x.shape)}")
+    _check(dt.shape == x.shape, f"selective_scan: dt must match x {tuple(x.shape)}, got {tuple(dt.shape)}")
+    d = x.shape[-1]
+    _check(A.dim() == 2 and A.shape[0] == d, f"selective_scan: A must be (d={d}, N), got {tuple(A.shape)}")
+    N = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        _check(t.shape[: nd - 1] == x.shape[: nd - 1] and t.shape[-1] == N and t.dim() in (nd, nd + 1),
+               f"selective_scan: {name} must be {lead[:-2]}N) or {lead[:-2]}G, N) with N={N}, got {tuple(t.shape)}")
+        if t.dim() == nd + 1:
+            _check(d % t.shape[-2] == 0, f"selective_scan: groups G={t.shape[-2]} of {name} must divide d={d}")
+    for name, t in (("D", D), ("dt_bias", dt_bias)):
+        _check(t is None or t.shape == (d,), f"selective_scan: {name} must be (d={d},), got {None if t is None else tuple(t.shape)}")
+    _check(z is None or z.shape == x.shape, f"selective_scan: z must match x {tuple(x.shape)}, got {None if z is None else tuple(z.shape)}")
+
+
+def selective_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True, initial_state=None,
+                   return_final_state=False, backend=None):
+    """Selective scan (Mamba-1). x, dt, z (b, T, d); A (d, N); B, C (b, T, N) or (b, T, G, N); D, dt_bias
+    (d,); initial_state (b, d, N) fp32. Returns y (b, T, d) [and the final state (b, d, N) fp32]."""
+    _check_scan_shapes(x, dt, A, B, C, D, z, dt_bias, token_axis=True)
+    if initial_state is not None:
+        _check(initial_state.shape == (x.shape[0], x.shape[2], A.shape[1]),
+               f"selective_scan: initial_state must be (b, d, N)={(x.shape[0], x.shape[2], A.shape[1])}, got {tuple(initial_state.shape)}")
+    fn = resolve("selective_scan", backend, x.device)
+    return fn(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+              initial_state=initial_state, return_final_state=return_final_state)
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True, backend=None):
+    """One decoding step of the scan: state (b, d, N) fp32 updated in place; x, dt, z (b, d);
+    B, C (b, N) or (b, G, N). Returns y (b, d)."""
+    _check_scan_shapes(x, dt, A, B, C, D, z, dt_bias, token_axis=False)
+    _check(state.shape == (x.shape[0], x.shape[1], A.shape[1]),
+           f"selective_state_update: state must be (b, d, N)={(x.shape[0], x.shape[1], A.shape[1])}, got {tuple(state.shape)}")
+    fn = resolve("selective_state_update", backend, x.device)
+    return fn(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+
+
+def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, return_final_state=False, backend=None):
+    """Depthwise causal conv: x (b, T, d), weight (d, K), bias (d,), initial_state (b, d, K-1).
+    Returns y (b, T, d) [and the final state (b, d, K-1)]."""
+    _check(x.dim() == 3, f"causal_conv1d: x must be (b, T, d), got {tuple(x.shape)}")
+    _check(weight.dim() == 2 and weight.shape[0] == x.shape[2],
+           f"causal_conv1d: weight must be (d={x.shape[2]}, K), got {tuple(weight.shape)}")
+    fn = resolve("causal_conv1d", backend, x.device)
+    return fn(x, weight, bias, activation, initial_state, return_final_state)
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, backend=None):
+    """One decoding step: x (b, d), conv_state (b, d, K-1) shifted in place. Returns y (b, d)."""
+    _check(conv_state.shape == (x.shape[0], x.shape[1], weight.shape[1] - 1),
+           f"causal_conv1d_update: conv_state must be (b, d, K-1)={(x.shape[0], x.shape[1], weight.shape[1] - 1)}, got {tuple(conv_state.shape)}")
+    fn = resolve("causal_conv1d_update", backend, x.device)
+    return fn(x, conv_state, weight, bias, activation)
+
+
+def bmojo_attention(q, k, v, window=None, k_fading=None, v_fading=None, fading_window=None, k_memory=None,
+                    v_memory=None, memory_valid=None, scale=None, return_lse=False, backend=None):
+    """One softmax over in-context, fading and memory keys (SPEC 1.1 step 5).
+
+    q (b, T, Hq, D); k, v, k_fading, v_fading (b, T, Hkv, D); k_memory, v_memory
+    (b, ceil(T/w), m_e, Hkv, D); memory_valid (b, ceil(T/w), m_e). ``window=None`` is full causal
+    attention. Returns o (b, T, Hq, D) [and the log-sum-exp (b, T, Hq) fp32]."""
+    _check(q.dim() == 4, f"bmojo_attention: q must be (b, T, Hq, D), got {tuple(q.shape)}")
+    b, T, Hq, D = q.shape
+    _check(k.dim() == 4 and k.shape[:2] == (b, T) and k.shape[3] == D and v.shape == k.shape,
+           f"bmojo_attention: k and v must be (b={b}, T={T}, Hkv, D={D}), got {tuple(k.shape)} and {tuple(v.shape)}")
+    _check(Hq % k.shape[2] == 0, f"bmojo_attention: query heads {Hq} must be a multiple of kv heads {k.shape[2]}")
+    _check(window is None or window > 0, f"bmojo_attention: window must be a positive int or None, got {window}")
+    if k_fading is not None:
+        _check(window is not None, "bmojo_attention: fading keys need a window")
+        _check(k_fading.shape == k.shape and v_fading is not None and v_fading.shape == k.shape,
+               f"bmojo_attention: k_fading / v_fading must match k {tuple(k.shape)}")
+        _check(fading_window is None or fading_window >= 0, f"bmojo_attention: fading_window must be >= 0, got {fading_window}")
+    if k_memory is not None:
+        _check(window is not None, "bmojo_attention: memory keys need a window (the chunk length)")
+        n_chunks = -(-T // window)
+        _check(k_memory.dim() == 5 and k_memory.shape[:2] == (b, n_chunks) and k_memory.shape[3:] == k.shape[2:]
+               and v_memory is not None and v_memory.shape == k_memory.shape,
+               f"bmojo_attention: k_memory / v_memory must be (b={b}, chunks={n_chunks}, m_e, Hkv={k.shape[2]}, D={D}), got {tuple(k_memory.shape)}")
+        _check(memory_valid is None or memory_valid.shape == k_memory.shape[:3],
+               f"bmojo_attention: memory_valid must be {tuple(k_memory.shape[:3])}, got {None if memory_valid is None else tuple(memory_valid.shape)}")
+    fn = resolve("bmojo_attention", backend, q.device)
+    return fn(q, k, v, window=window, k_fading=k_fading, v_fading=v_fading, fading_window=fading_window,
+              k_memory=k_memory, v_memory=v_memory, memory_valid=memory_valid, scale=scale, return_lse=return_lse)
+
+
+def attention_decode(q, k, v, valid=None, scale=None, backend=None):
+    """One query per row over cached keys: q (b, Hq, D); k, v (b, S, Hkv, D); valid (b, S). -> (b, Hq, D)."""
+    _check(q.dim() == 3 and k.dim() == 4 and k.shape[0] == q.shape[0] and k.shape[3] == q.shape[2],
+           f"attention_decode: q must be (b, Hq, D) and k (b, S, Hkv, D), got {tuple(q.shape)} and {tuple(k.shape)}")
+    fn = resolve("attention_decode", backend, q.device)
+    return fn(q, k, v, valid, scale)
+
+
+def innovation_select(f, window, slots, taps, backend=None):
+    """Eidetic memory by innovation: f (b, T, d) -> positions (b, ceil(T/w), slots) int64 and valid (same, bool)."""
+    _check(f.dim() == 3, f"innovation_select: f must be (b, T, d), got {tuple(f.shape)}")
+    _check(window > 0 and slots > 0 and taps > 0,
+           f"innovation_select: window, slots and taps must be positive, got {window}, {slots}, {taps}")
+    fn = resolve("innovation_select", backend, f.device)
+    return fn(f, window, slots, taps)
+
+
+def innovation_scores(f, taps, f_history=None):
+    """eps (b, T) fp32 of the fixed mean-of-last-``taps`` predictor; ``f_history`` (b, taps, d) precedes f."""
+    return innovation_scores_ref(f, taps, f_history)

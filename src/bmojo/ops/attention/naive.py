@@ -1,0 +1,109 @@
+"""Readable reference for B'MOJO attention: one softmax over in-context, fading and memory keys.
+
+It materialises the full (T, 2T + chunks * m_e) score matrix, so it is the oracle, not a kernel.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int, dim: int) -> torch.Tensor:
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=dim)
+
+
+def bmojo_visibility_masks(
+    T: int,
+    window: int | None,
+    fading_window: int | None,
+    device: torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean (T, T) masks [query t, key s]: in-context (t-w < s <= t, or s <= t when window is
+    None) and fading (t-w-m_f < s <= t-w; all False when there is no window)."""
+    t = torch.arange(T, device=device)[:, None]
+    s = torch.arange(T, device=device)[None, :]
+    causal = s <= t
+    if window is None:
+        return causal, torch.zeros_like(causal)
+    in_context = causal & (s > t - window)
+    m_f = window if fading_window is None else fading_window
+    fading = (s <= t - window) & (s > t - window - m_f)
+    return in_context, fading
+
+
+def bmojo_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int | None = None,
+    k_fading: torch.Tensor | None = None,
+    v_fading: torch.Tensor | None = None,
+    fading_window: int | None = None,
+    k_memory: torch.Tensor | None = None,
+    v_memory: torch.Tensor | None = None,
+    memory_valid: torch.Tensor | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+):
+    """q (b, T, Hq, D); k, v, k_fading, v_fading (b, T, Hkv, D); k_memory, v_memory
+    (b, ceil(T / window), m_e, Hkv, D) with memory_valid (b, ceil(T / window), m_e) bool.
+
+    Query t sees k[s] for t-w < s <= t, k_fading[s] for t-w-m_f < s <= t-w, and the valid memory
+    slots of chunk t // w. Returns o (b, T, Hq, D) in q's dtype and, if asked, the natural-log
+    log-sum-exp of the scaled scores (b, T, Hq) in fp32.
+    """
+    b, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    n_rep = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    in_ctx, fading = bmojo_visibility_masks(T, window, fading_window, q.device)
+
+    keys, values, masks = [k], [v], [in_ctx.expand(b, T, T)]
+    if k_fading is not None and window is not None:
+        keys.append(k_fading)
+        values.append(v_fading)
+        masks.append(fading.expand(b, T, T))
+    if k_memory is not None and window is not None:
+        n_chunks, m_e = k_memory.shape[1], k_memory.shape[2]
+        chunk_of_query = torch.arange(T, device=q.device) // window
+        # (b, T, chunks, m_e): query t sees slot j of chunk c iff c == t // w and the slot is valid
+        mem_mask = (chunk_of_query[:, None] == torch.arange(n_chunks, device=q.device)[None, :])
+        valid = torch.ones(b, n_chunks, m_e, dtype=torch.bool, device=q.device) if memory_valid is None else memory_valid
+        mem_mask = mem_mask[None, :, :, None] & valid[:, None, :, :]
+        keys.append(k_memory.reshape(b, n_chunks * m_e, Hkv, D))
+        values.append(v_memory.reshape(b, n_chunks * m_e, Hkv, D))
+        masks.append(mem_mask.reshape(b, T, n_chunks * m_e))
+
+    K = _repeat_kv(torch.cat(keys, 1).float(), n_rep, 2)  # (b, S, Hq, D)
+    V = _repeat_kv(torch.cat(values, 1).float(), n_rep, 2)
+    mask = torch.cat(masks, -1)  # (b, T, S)
+    scores = torch.einsum("bthd,bshd->bhts", q.float(), K) * scale
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # (b, Hq, T)
+    p = torch.exp(scores - lse[..., None])
+    o = torch.einsum("bhts,bshd->bthd", p, V).to(q.dtype)
+    return (o, lse.transpose(1, 2).contiguous()) if return_lse else o
+
+
+def attention_decode_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of one new query per row over a set of cached keys (the decoding step).
+
+    q (b, Hq, D); k, v (b, S, Hkv, D); valid (b, S) bool. Returns (b, Hq, D) in q's dtype.
+    """
+    b, Hq, D = q.shape
+    n_rep = Hq // k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    K = _repeat_kv(k.float(), n_rep, 2)
+    V = _repeat_kv(v.float(), n_rep, 2)
+    scores = torch.einsum("bhd,bshd->bhs", q.float(), K) * scale
+    if valid is not None:
+        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    return torch.einsum("bhs,bshd->bhd", p, V).to(q.dtype)

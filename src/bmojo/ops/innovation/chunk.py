@@ -1,0 +1,44 @@
+"""Eidetic-memory selection in O(T * (w + m_e)): the memory is merged chunk by chunk, exactly as the
+decoder updates it, instead of ranking all T positions for every chunk."""
+from __future__ import annotations
+
+import torch
+
+from .naive import innovation_scores_ref, rank_candidates
+
+
+def merge_memory(mem_eps, mem_pos, cand_eps, cand_pos, slots: int):
+    """Keep the ``slots`` best of the current memory and new candidates.
+
+    mem_* (b, slots) and cand_* (b, n); invalid entries carry eps = -inf. Returns (eps, pos, idx),
+    idx indexing the concatenation [memory, candidates] so callers can gather keys and values.
+    """
+    eps = torch.cat([mem_eps, cand_eps], -1)
+    pos = torch.cat([mem_pos, cand_pos], -1)
+    idx = rank_candidates(eps, pos, slots)
+    return torch.gather(eps, -1, idx), torch.gather(pos, -1, idx), idx
+
+
+def select_from_scores_chunked(eps: torch.Tensor, window: int, slots: int):
+    """Same result as ``select_from_scores_ref``: eps (b, T) -> positions, valid (b, chunks, slots)."""
+    b, T = eps.shape
+    n_chunks = -(-T // window)
+    eps = eps.float()
+    mem_eps = eps.new_full((b, slots), float("-inf"))
+    mem_pos = torch.zeros(b, slots, dtype=torch.long, device=eps.device)
+    positions, valid = [], []
+    for c in range(n_chunks):
+        # chunk c adds the positions ((c-2)w, (c-1)w] (for c = 1: position 0 alone)
+        lo, hi = max((c - 2) * window + 1, 0), (c - 1) * window
+        if hi >= lo:
+            cand_pos = torch.arange(lo, hi + 1, device=eps.device).expand(b, -1)
+            mem_eps, mem_pos, _ = merge_memory(mem_eps, mem_pos, eps[:, lo : hi + 1], cand_pos, slots)
+        ok = mem_eps > float("-inf")
+        positions.append(torch.where(ok, mem_pos, torch.zeros_like(mem_pos)))
+        valid.append(ok)
+    return torch.stack(positions, 1), torch.stack(valid, 1)
+
+
+def innovation_select_chunked(f: torch.Tensor, window: int, slots: int, taps: int):
+    """f (b, T, d) -> memory positions (b, ceil(T/w), slots) and validity (SPEC 1.1 steps 3-4)."""
+    return select_from_scores_chunked(innovation_scores_ref(f, taps), window, slots)

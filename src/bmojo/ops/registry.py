@@ -1,0 +1,128 @@
+"""Backend registry and dispatch for ``bmojo.ops``.
+
+A backend is a module exposing ``OPS: dict[str, callable]`` plus a check that says why it cannot run
+here. ``backend="auto"`` picks by the tensors' device; naming a backend that cannot run raises; any
+fallback to the torch backend warns once, saying why.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+OP_NAMES = (
+    "selective_scan",
+    "selective_state_update",
+    "causal_conv1d",
+    "causal_conv1d_update",
+    "bmojo_attention",
+    "attention_decode",
+    "innovation_select",
+)
+BACKEND_NAMES = ("auto", "torch", "cuda", "neuron")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was named explicitly but cannot run here (missing toolchain or wrong device)."""
+
+
+def _cuda_unavailable() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not importable ({e}); install the extra: pip install 'bmojo[cuda]'"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA device is visible and TRITON_INTERPRET=1 is not set"
+    return None
+
+
+def _neuron_unavailable() -> str | None:
+    try:
+        import nki  # noqa: F401
+    except ImportError:
+        return "the Neuron SDK's `nki` package is not importable (it only exists on Trainium/Inferentia hosts)"
+    try:
+        import torch_xla  # noqa: F401
+    except ImportError:
+        return "torch-xla / torch-neuronx is not importable, so there is no Neuron device to run on"
+    return None
+
+
+@dataclass
+class Backend:
+    name: str
+    module: str
+    unavailable: Callable[[], str | None]
+    devices: tuple[str, ...]
+    _ops: dict | None = field(default=None, repr=False)
+
+    def accepts(self, device: torch.device) -> bool:
+        if device.type in self.devices:
+            return True
+        # The Triton interpreter runs the CUDA kernels on CPU tensors (how they are tested without a GPU).
+        return self.name == "cuda" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+    def ops(self) -> dict[str, Callable]:
+        if self._ops is None:
+            self._ops = importlib.import_module(self.module).OPS
+        return self._ops
+
+
+_BACKENDS: dict[str, Backend] = {
+    "torch": Backend("torch", "bmojo.ops.torch_ops", lambda: None, ("cpu", "cuda", "mps", "xla", "meta", "neuron")),
+    "cuda": Backend("cuda", "bmojo_cuda", _cuda_unavailable, ("cuda",)),
+    "neuron": Backend("neuron", "bmojo_neuron", _neuron_unavailable, ("xla", "neuron")),
+}
+_AUTO_BY_DEVICE = {"cuda": "cuda", "xla": "neuron", "neuron": "neuron"}
+_warned: set[tuple[str, ...]] = set()
+
+
+def register_backend(name: str, module: str, unavailable: Callable[[], str | None], devices: tuple[str, ...]):
+    """Register (or replace) a backend: ``module`` must expose ``OPS`` mapping op names to callables."""
+    _BACKENDS[name] = Backend(name, module, unavailable, devices)
+
+
+def _warn_once(key: tuple[str, ...], message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Names of the backends that can run ops on tensors of ``device`` here."""
+    device = torch.device(device)
+    return [n for n, b in _BACKENDS.items() if b.unavailable() is None and b.accepts(device)]
+
+
+def resolve(op: str, backend: str | None, device: torch.device) -> Callable:
+    """The implementation of ``op`` for ``backend`` on ``device`` (see module docstring)."""
+    if op not in OP_NAMES:
+        raise ValueError(f"unknown op {op!r}; ops are {OP_NAMES}")
+    name = backend or "auto"
+    if name == "auto":
+        name = _AUTO_BY_DEVICE.get(device.type, "torch")
+        if name != "torch":
+            reason = _BACKENDS[name].unavailable()
+            if reason is not None:
+                _warn_once(("auto", name), f"bmojo: falling back to the torch backend on {device.type} tensors: {reason}")
+                name = "torch"
+    elif name not in _BACKENDS:
+        raise ValueError(f"backend must be one of {sorted(set(BACKEND_NAMES) | set(_BACKENDS))}, got {backend!r}")
+    else:
+        be = _BACKENDS[name]
+        reason = be.unavailable()
+        if reason is not None:
+            raise BackendUnavailableError(f"backend={name!r} cannot run here: {reason}")
+        if not be.accepts(device):
+            raise BackendUnavailableError(
+                f"backend={name!r} does not run on {device.type} tensors (it takes {', '.join(be.devices)})"
+            )
+    impl = _BACKENDS[name].ops().get(op)
+    if impl is None:
+        _warn_once((name, op), f"bmojo: backend {name!r} has no {op} kernel; using the torch backend for it")
+        impl = _BACKENDS["torch"].ops()[op]
+    return impl
