@@ -1,0 +1,174 @@
+"""BMojoConfig: one config for B'MOJO and the models it generalizes (SPEC 1.2)."""
+from __future__ import annotations
+
+import math
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+LAYER_TYPES = ("attention", "sliding_attention", "mamba", "bmojo_f", "bmojo")
+WINDOWED_TYPES = ("sliding_attention", "bmojo_f", "bmojo")
+SSM_TYPES = ("mamba", "bmojo_f", "bmojo")
+ATTENTION_TYPES = ("attention", "sliding_attention", "bmojo_f", "bmojo")
+
+
+@strict
+class BMojoConfig(PreTrainedConfig):
+    r"""Configuration of a bmojo model. ``layer_types`` picks each layer's mixer:
+
+    ==================== ==========================================================
+    ``attention``         full causal attention (Llama-style)
+    ``sliding_attention`` causal attention over the last ``sliding_window`` tokens
+    ``mamba``             the Mamba-1 mixer alone
+    ``bmojo_f``           B'MOJO without eidetic memory (window + fading memory)
+    ``bmojo``             B'MOJO: window + fading memory + eidetic memory
+    ==================== ==========================================================
+
+    Args:
+        vocab_size: tokens in the vocabulary.
+        hidden_size: model width d.
+        num_hidden_layers: number of blocks; must equal ``len(layer_types)``.
+        layer_types: one of the five types per layer (default: all ``bmojo``).
+        intermediate_size: SwiGLU MLP width after each mixer; 0 means no MLP (as in Mamba).
+        num_attention_heads / num_key_value_heads / head_dim: attention heads (grouped-query allowed);
+            head_dim defaults to hidden_size // num_attention_heads.
+        sliding_window: the window ``w`` (in-context memory) and the eidetic chunk length.
+        fading_window: ``m_f``, how many positions before the window read fading keys (default w).
+        memory_slots: ``m_e``, eidetic memory slots per ``bmojo`` layer (default 16 if any, else 0).
+        innovation_taps: k, the taps of the fixed mean predictor of the SSM output.
+        tie_fading_kv: fading keys/values use the in-context projections (Wk' = Wk, Wv' = Wv).
+        rope_theta: RoPE base; None = no positional encoding (B'MOJO's default).
+        d_state, d_conv, expand, dt_rank, dt_min, dt_max, dt_init_floor, conv_bias, proj_bias:
+            Mamba-1 mixer settings as in mamba-ssm (dt_rank "auto" = ceil(hidden_size / 16)).
+        attention_bias / mlp_bias: biases in the attention and MLP projections.
+        rms_norm_eps, tie_word_embeddings, initializer_range: as in Llama.
+        backend: kernels to use: "auto" (by device), "torch", "cuda" or "neuron".
+    """
+
+    model_type = "bmojo"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 512
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    layer_types: list[str] | None = None
+    intermediate_size: int = 0
+    num_attention_heads: int = 4
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    sliding_window: int | None = 64
+    fading_window: int | None = None
+    memory_slots: int | None = None
+    innovation_taps: int = 4
+    tie_fading_kv: bool = True
+    rope_theta: float | int | None = None
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int | str = "auto"
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    conv_bias: bool = True
+    proj_bias: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    initializer_range: float = 0.02
+    rescale_prenorm_residual: bool = True
+    backend: str = "auto"
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.layer_types is None:
+            self.layer_types = ["bmojo"] * self.num_hidden_layers
+        layer_types = list(self.layer_types)
+        if self.memory_slots is None:  # 16 slots where there is a bmojo layer to use them
+            self.memory_slots = 16 if "bmojo" in layer_types else 0
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and self.num_attention_heads:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"BMojoConfig: num_attention_heads={self.num_attention_heads} is invalid: must divide "
+                    f"hidden_size={self.hidden_size} (or set head_dim explicitly)"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.dt_rank == "auto":
+            self.dt_rank = math.ceil(self.hidden_size / 16)
+        super().__post_init__(**kwargs)
+        self.layer_types = layer_types  # transformers renames legacy types ("mamba" -> "linear_attention")
+        self.check()  # a plain ValueError naming the field, before transformers' own wrapped checks
+
+    # transformers runs every `validate_*` method after __init__ and before saving; ours replace its
+    # layer-type vocabulary (attention kinds only) with the zoo's.
+    def validate_layer_type(self) -> None:
+        self.check()
+
+    # -- derived sizes -------------------------------------------------------------------------
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.hidden_size
+
+    @property
+    def effective_fading_window(self) -> int:
+        return self.sliding_window if self.fading_window is None else self.fading_window
+
+    def check(self) -> None:
+        """Raise ValueError naming the field and value of the first inconsistent setting."""
+
+        def bad(field: str, value, why: str):
+            raise ValueError(f"BMojoConfig: {field}={value!r} is invalid: {why}")
+
+        for field in ("vocab_size", "hidden_size", "num_hidden_layers"):
+            v = getattr(self, field)
+            if not isinstance(v, int) or v <= 0:
+                bad(field, v, "must be a positive int")
+        if len(self.layer_types) != self.num_hidden_layers:
+            bad("layer_types", self.layer_types,
+                f"has {len(self.layer_types)} entries but num_hidden_layers={self.num_hidden_layers}")
+        for i, lt in enumerate(self.layer_types):
+            if lt not in LAYER_TYPES:
+                bad(f"layer_types[{i}]", lt, f"must be one of {LAYER_TYPES}")
+        types = set(self.layer_types)
+        if self.intermediate_size < 0:
+            bad("intermediate_size", self.intermediate_size, "must be >= 0 (0 = no MLP)")
+        if types & set(ATTENTION_TYPES):
+            if not isinstance(self.num_attention_heads, int) or self.num_attention_heads <= 0:
+                bad("num_attention_heads", self.num_attention_heads, "must be a positive int")
+            if self.head_dim is None or self.head_dim <= 0:
+                bad("head_dim", self.head_dim, "must be a positive int")
+            if self.num_key_value_heads <= 0 or self.num_attention_heads % self.num_key_value_heads:
+                bad("num_key_value_heads", self.num_key_value_heads,
+                    f"must be positive and divide num_attention_heads={self.num_attention_heads}")
+            if self.rope_theta is not None and (self.rope_theta <= 0 or self.head_dim % 2):
+                bad("rope_theta", self.rope_theta, f"must be > 0 with an even head_dim (head_dim={self.head_dim})")
+        if types & set(WINDOWED_TYPES):
+            if not isinstance(self.sliding_window, int) or self.sliding_window <= 0:
+                bad("sliding_window", self.sliding_window,
+                    f"must be a positive int for layer types {sorted(types & set(WINDOWED_TYPES))}")
+        if self.fading_window is not None and (not isinstance(self.fading_window, int) or self.fading_window < 0):
+            bad("fading_window", self.fading_window, "must be an int >= 0 or None (= sliding_window)")
+        if self.memory_slots < 0:
+            bad("memory_slots", self.memory_slots, "must be >= 0")
+        if self.memory_slots > 0 and "bmojo" not in types:
+            bad("memory_slots", self.memory_slots, "is > 0 but no layer has type 'bmojo' (set it to 0)")
+        if "bmojo" in types and self.memory_slots == 0:
+            bad("memory_slots", self.memory_slots, "must be > 0 for 'bmojo' layers (use 'bmojo_f' for no memory)")
+        if "bmojo" in types and self.innovation_taps <= 0:
+            bad("innovation_taps", self.innovation_taps, "must be a positive int")
+        if types & set(SSM_TYPES):
+            for field in ("d_state", "d_conv", "expand", "dt_rank"):
+                v = getattr(self, field)
+                if not isinstance(v, int) or v <= 0:
+                    bad(field, v, "must be a positive int")
+            if not 0 < self.dt_min <= self.dt_max:
+                bad("dt_min", self.dt_min, f"must satisfy 0 < dt_min <= dt_max (dt_max={self.dt_max})")
+        if self.rms_norm_eps <= 0:
+            bad("rms_norm_eps", self.rms_norm_eps, "must be > 0")
+        if self.backend not in ("auto", "torch", "cuda", "neuron"):
+            bad("backend", self.backend, "must be one of 'auto', 'torch', 'cuda', 'neuron'")

@@ -1,0 +1,524 @@
+"""B'MOJO and the models it generalizes, as one Hugging Face model class (SPEC 1).
+
+Each layer is ``h = h + mixer(RMSNorm(h))`` then, if ``intermediate_size > 0``,
+``h = h + MLP(RMSNorm(h))``. The mixer is a Mamba-1 block (``mamba``) or a ``BMojoAttention``, whose
+one softmax reads up to three memories: the last ``w`` keys (in-context), keys projected from the
+Mamba outputs ``f`` for the ``m_f`` positions before the window (fading), and ``m_e`` past keys kept
+because ``f`` was hard to predict there (eidetic). ``attention`` and ``sliding_attention`` are the
+same class with the fading and eidetic memories switched off.
+
+The model calls only :mod:`bmojo.ops`; the kernels behind it are picked by ``config.backend``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from . import ops
+from .cache import BMojoCache, LayerState, ring_positions
+from .configuration_bmojo import BMojoConfig
+
+
+class BMojoRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+class BMojoRotaryEmbedding(nn.Module):
+    """RoPE at absolute positions (Llama's default rotary, half-split layout)."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (T,) -> cos, sin (T, head_dim) fp32."""
+        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (b, T, H, D), cos/sin (T, D) -> x rotated, in x's dtype."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class BMojoMLP(nn.Module):
+    """SwiGLU, Llama names."""
+
+    def __init__(self, config: BMojoConfig):
+        super().__init__()
+        d, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(d, i, bias=bias)
+        self.up_proj = nn.Linear(d, i, bias=bias)
+        self.down_proj = nn.Linear(i, d, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class BMojoMambaMixer(nn.Module):
+    """Mamba-1 mixer (mamba-ssm's ``Mamba`` block; parameter names as transformers' ``MambaMixer``).
+
+    State (see :mod:`bmojo.cache`): ``conv`` (b, d_inner, d_conv - 1) and ``ssm`` (b, d_inner, N) fp32.
+    """
+
+    def __init__(self, config: BMojoConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        d, di, N, R = config.hidden_size, config.d_inner, config.d_state, config.dt_rank
+        self.d_inner, self.d_state, self.dt_rank = di, N, R
+        self.in_proj = nn.Linear(d, 2 * di, bias=config.proj_bias)
+        self.conv1d = nn.Conv1d(di, di, config.d_conv, groups=di, padding=config.d_conv - 1, bias=config.conv_bias)
+        self.x_proj = nn.Linear(di, R + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(R, di, bias=True)
+        # A_log and D stay fp32 (see _keep_in_fp32_modules) and out of weight decay (_no_weight_decay).
+        self.A_log = nn.Parameter(torch.empty(di, N))
+        self.D = nn.Parameter(torch.empty(di))
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
+        self.dt_proj.bias._no_weight_decay = True
+        self.out_proj = nn.Linear(di, d, bias=config.proj_bias)
+
+    @torch.no_grad()
+    def init_mamba_weights(self) -> None:
+        """S4D-real A, unit D, and dt bias = softplus^-1 of dt log-uniform in [dt_min, dt_max] (mamba-ssm)."""
+        c = self.config
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
+        init.copy_(self.A_log, torch.log(A).expand(self.d_inner, -1))
+        init.ones_(self.D)
+        std = self.dt_rank**-0.5
+        init.uniform_(self.dt_proj.weight, -std, std)
+        dt = torch.exp(
+            torch.rand(self.d_inner, device=self.dt_proj.bias.device) * (math.log(c.dt_max) - math.log(c.dt_min))
+            + math.log(c.dt_min)
+        ).clamp(min=c.dt_init_floor)
+        init.copy_(self.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))
+
+    def _ssm_inputs(self, x: torch.Tensor):
+        """x (..., d_inner) after the conv -> dt (..., d_inner) without bias, B, C (..., N)."""
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return F.linear(dt, self.dt_proj.weight), B, C
+
+    def forward(self, u: torch.Tensor, state: LayerState | None = None) -> torch.Tensor:
+        """u (b, T, d) -> (b, T, d). With a fresh ``state``, also leaves the final conv/SSM states in it."""
+        backend = self.config.backend
+        x, z = self.in_proj(u).chunk(2, dim=-1)
+        conv_w = self.conv1d.weight.squeeze(1)
+        want_state = state is not None
+        out = ops.causal_conv1d(x, conv_w, self.conv1d.bias, "silu", return_final_state=want_state, backend=backend)
+        x, conv_state = out if want_state else (out, None)
+        dt, B, C = self._ssm_inputs(x)
+        A = -torch.exp(self.A_log.float())
+        out = ops.selective_scan(x, dt, A, B, C, D=self.D, z=z, dt_bias=self.dt_proj.bias, dt_softplus=True,
+                                 return_final_state=want_state, backend=backend)
+        y, ssm_state = out if want_state else (out, None)
+        if want_state:
+            state["conv"], state["ssm"] = conv_state, ssm_state
+        return self.out_proj(y)
+
+    def step(self, u: torch.Tensor, state: LayerState) -> torch.Tensor:
+        """One token: u (b, d) -> (b, d); updates ``state['conv']`` and ``state['ssm']`` in place."""
+        backend = self.config.backend
+        x, z = self.in_proj(u).chunk(2, dim=-1)
+        x = ops.causal_conv1d_update(x, state["conv"], self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu",
+                                     backend=backend)
+        dt, B, C = self._ssm_inputs(x)
+        A = -torch.exp(self.A_log.float())
+        y = ops.selective_state_update(state["ssm"], x, dt, A, B, C, D=self.D, z=z, dt_bias=self.dt_proj.bias,
+                                       dt_softplus=True, backend=backend)
+        return self.out_proj(y)
+
+
+class BMojoAttention(nn.Module):
+    """Attention over in-context, fading and eidetic memory (SPEC 1.1 steps 2-5).
+
+    ``attention``: full causal; ``sliding_attention``: window ``w``; ``bmojo_f``: window + fading keys
+    ``Wk' f`` for the ``m_f`` positions before the window; ``bmojo``: + the ``m_e`` eidetic slots of
+    each query's chunk, chosen by innovation. Parameter names follow Llama (q/k/v/o_proj).
+    """
+
+    def __init__(self, config: BMojoConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.layer_type = config.layer_types[layer_idx]
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        self.window = None if self.layer_type == "attention" else config.sliding_window
+        self.use_fading = self.layer_type in ("bmojo_f", "bmojo")
+        self.use_memory = self.layer_type == "bmojo"
+        self.fading_window = config.effective_fading_window if self.use_fading else 0
+        d, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=bias)
+        if self.use_fading:
+            self.mamba = BMojoMambaMixer(config, layer_idx)
+            if not config.tie_fading_kv:
+                self.k_fading_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+                self.v_fading_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+
+    # -- projections ---------------------------------------------------------------------------
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        return x.view(*x.shape[:-1], n, self.head_dim)
+
+    def _qkv(self, u, rope):
+        q = self._heads(self.q_proj(u), self.num_heads)
+        k = self._heads(self.k_proj(u), self.num_kv_heads)
+        v = self._heads(self.v_proj(u), self.num_kv_heads)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        return q, k, v
+
+    def _fading_kv(self, f, rope):
+        k_proj = self.k_proj if self.config.tie_fading_kv else self.k_fading_proj
+        v_proj = self.v_proj if self.config.tie_fading_kv else self.v_fading_proj
+        kf = self._heads(k_proj(f), self.num_kv_heads)
+        vf = self._heads(v_proj(f), self.num_kv_heads)
+        if rope is not None:
+            kf = apply_rotary(kf, *rope)
+        return kf, vf
+
+    # -- parallel form -------------------------------------------------------------------------
+    def forward(self, u: torch.Tensor, rope=None, state: LayerState | None = None) -> torch.Tensor:
+        """u (b, T, d) at positions 0..T-1 -> (b, T, d). A fresh ``state`` receives the recurrent
+        state after the last position (SPEC 1.3)."""
+        b, T, _ = u.shape
+        c = self.config
+        q, k, v = self._qkv(u, rope)
+        kw = dict(window=self.window)
+        f = kf = vf = positions = None
+        if self.use_fading:
+            f = self.mamba(u, state)
+            kf, vf = self._fading_kv(f, rope)
+            kw.update(k_fading=kf, v_fading=vf, fading_window=self.fading_window)
+        if self.use_memory:
+            positions, valid = ops.innovation_select(f, self.window, c.memory_slots, c.innovation_taps,
+                                                     backend=c.backend)
+            kw.update(k_memory=self._gather(k, positions), v_memory=self._gather(v, positions), memory_valid=valid)
+        o = ops.bmojo_attention(q, k, v, backend=c.backend, **kw)
+        if state is not None:
+            self._store_state(state, T, k, v, kf, vf, f, positions, kw)
+        return self.o_proj(o.reshape(b, T, -1))
+
+    @staticmethod
+    def _gather(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x (b, T, H, D), positions (b, C, m) -> (b, C, m, H, D). Not differentiated w.r.t. the choice."""
+        b, C, m = positions.shape
+        idx = positions.reshape(b, C * m, 1, 1).expand(-1, -1, x.shape[2], x.shape[3])
+        return torch.gather(x, 1, idx).view(b, C, m, x.shape[2], x.shape[3])
+
+    @torch.no_grad()
+    def _store_state(self, state, T, k, v, kf, vf, f, positions, kw) -> None:
+        """Rings, history and memory as the step-by-step decoder would hold them after position T-1."""
+        if self.window is None:
+            state["k"], state["v"] = k.detach().clone(), v.detach().clone()
+            return
+
+        def ring(x, size):
+            p = ring_positions(T - 1, size, x.device)
+            out = x[:, p.clamp(min=0)].clone()
+            out[:, p < 0] = 0
+            return out
+
+        w = self.window
+        state["k"], state["v"] = ring(k, w), ring(v, w)
+        if self.use_fading and self.fading_window > 0:
+            state["kf"], state["vf"] = ring(kf, w + self.fading_window), ring(vf, w + self.fading_window)
+        if self.use_memory:
+            taps = self.config.innovation_taps
+            eps = ops.innovation_scores(f, taps)
+            f_hist = torch.cat([f.new_zeros(f.shape[0], taps, f.shape[2]), f], dim=1)[:, -taps:]
+            state["f_hist"] = f_hist.clone()
+            p = ring_positions(T - 1, 2 * w, f.device)
+            state["cand_k"], state["cand_v"] = ring(k, 2 * w), ring(v, 2 * w)
+            state["cand_eps"] = eps[:, p.clamp(min=0)].masked_fill(p < 0, float("-inf"))
+            valid = kw["memory_valid"][:, -1]
+            state["mem_k"], state["mem_v"] = kw["k_memory"][:, -1].clone(), kw["v_memory"][:, -1].clone()
+            state["mem_pos"] = positions[:, -1].clone()
+            state["mem_eps"] = torch.gather(eps, 1, positions[:, -1]).masked_fill(~valid, float("-inf"))
+
+    # -- recurrent form ------------------------------------------------------------------------
+    def step(self, u: torch.Tensor, t: int, rope, state: LayerState) -> torch.Tensor:
+        """One token at position t: u (b, d) -> (b, d), updating ``state`` in place."""
+        c = self.config
+        q, k, v = self._qkv(u[:, None], rope)  # (b, 1, H, D)
+        q, k, v = q[:, 0], k[:, 0], v[:, 0]
+        if self.window is None:
+            state["k"] = torch.cat([state["k"], k[:, None]], 1)
+            state["v"] = torch.cat([state["v"], v[:, None]], 1)
+            o = ops.attention_decode(q, state["k"], state["v"], backend=c.backend)
+            return self.o_proj(o.reshape(u.shape[0], -1))
+
+        w, m_f = self.window, self.fading_window
+        keys, values, valids = [], [], []
+        if self.use_fading:
+            f = self.mamba.step(u, state)
+            if m_f > 0:
+                kf, vf = self._fading_kv(f[:, None], rope)
+                slot = t % (w + m_f)
+                state["kf"][:, slot], state["vf"][:, slot] = kf[:, 0], vf[:, 0]
+                p = ring_positions(t, w + m_f, u.device)
+                keys.append(state["kf"]), values.append(state["vf"])
+                valids.append(((p >= 0) & (p <= t - w)).expand(u.shape[0], -1))
+        if self.use_memory:
+            self._step_memory(t, f, k, v, state)
+            keys.append(state["mem_k"]), values.append(state["mem_v"])
+            valids.append(state["mem_eps"] > float("-inf"))
+        state["k"][:, t % w], state["v"][:, t % w] = k, v
+        keys.append(state["k"]), values.append(state["v"])
+        valids.append((ring_positions(t, w, u.device) >= 0).expand(u.shape[0], -1))
+        o = ops.attention_decode(q, torch.cat(keys, 1), torch.cat(values, 1), torch.cat(valids, 1), backend=c.backend)
+        return self.o_proj(o.reshape(u.shape[0], -1))
+
+    def _step_memory(self, t: int, f: torch.Tensor, k, v, state: LayerState) -> None:
+        """Eidetic memory at position t: merge the candidates of chunk t // w at its first token,
+        then record t's own key, value and innovation as a candidate for a later chunk."""
+        w, taps, slots = self.window, self.config.innovation_taps, self.config.memory_slots
+        if t % w == 0 and t > 0:
+            chunk = t // w
+            p = ring_positions(t - 1, 2 * w, f.device)
+            fresh = (p >= 0) & (p > (chunk - 2) * w) & (p <= (chunk - 1) * w)
+            cand_eps = state["cand_eps"].masked_fill(~fresh, float("-inf"))
+            eps, pos, idx = ops.merge_memory(state["mem_eps"], state["mem_pos"], cand_eps,
+                                             p.clamp(min=0).expand_as(cand_eps), slots)
+            gather = idx[:, :, None, None].expand(-1, -1, k.shape[1], k.shape[2])
+            state["mem_k"] = torch.gather(torch.cat([state["mem_k"], state["cand_k"]], 1), 1, gather)
+            state["mem_v"] = torch.gather(torch.cat([state["mem_v"], state["cand_v"]], 1), 1, gather)
+            state["mem_eps"], state["mem_pos"] = eps, pos
+        eps_t = ops.innovation_scores(f[:, None], taps, state["f_hist"])[:, 0]
+        state["f_hist"] = torch.cat([state["f_hist"][:, 1:], f[:, None].to(state["f_hist"].dtype)], 1)
+        slot = t % (2 * w)
+        state["cand_k"][:, slot], state["cand_v"][:, slot], state["cand_eps"][:, slot] = k, v, eps_t
+
+
+class BMojoDecoderLayer(nn.Module):
+    def __init__(self, config: BMojoConfig, layer_idx: int):
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        self.input_layernorm = BMojoRMSNorm(config.hidden_size, config.rms_norm_eps)
+        if self.layer_type == "mamba":
+            self.mixer = BMojoMambaMixer(config, layer_idx)
+        else:
+            self.mixer = BMojoAttention(config, layer_idx)
+        self.mlp = None
+        if config.intermediate_size > 0:
+            self.post_mixer_layernorm = BMojoRMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.mlp = BMojoMLP(config)
+
+    def _mlp(self, h: torch.Tensor) -> torch.Tensor:
+        return h if self.mlp is None else h + self.mlp(self.post_mixer_layernorm(h))
+
+    def forward(self, h: torch.Tensor, rope=None, state: LayerState | None = None) -> torch.Tensor:
+        """Parallel form: h (b, T, d) -> (b, T, d)."""
+        u = self.input_layernorm(h)
+        mixed = self.mixer(u, state) if self.layer_type == "mamba" else self.mixer(u, rope, state)
+        return self._mlp(h + mixed)
+
+    def step(self, h: torch.Tensor, t: int, rope, state: LayerState) -> torch.Tensor:
+        """Recurrent form: one token h (b, d) at position t -> (b, d)."""
+        u = self.input_layernorm(h)
+        mixed = self.mixer.step(u, state) if self.layer_type == "mamba" else self.mixer.step(u, t, rope, state)
+        return self._mlp(h + mixed)
+
+
+class BMojoPreTrainedModel(PreTrainedModel):
+    config_class = BMojoConfig
+    config: BMojoConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["BMojoDecoderLayer"]
+    _keep_in_fp32_modules = ["A_log", "D"]
+    _is_stateful = True
+    _supports_sdpa = False
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, BMojoMambaMixer):
+            module.init_mamba_weights()
+            init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
+            if module.conv1d.bias is not None:
+                init.zeros_(module.conv1d.bias)
+        if self.config.rescale_prenorm_residual:
+            # GPT-2 / mamba-ssm: scale the projections that write into the residual stream by 1/sqrt(2L).
+            std = self.config.initializer_range / math.sqrt(2 * self.config.num_hidden_layers)
+            for name in ("out_proj", "o_proj", "down_proj"):
+                proj = getattr(module, name, None)
+                if isinstance(proj, nn.Linear):
+                    init.normal_(proj.weight, mean=0.0, std=std)
+
+
+class BMojoModel(BMojoPreTrainedModel):
+    """The backbone: embeddings, ``num_hidden_layers`` blocks of ``config.layer_types``, final norm."""
+
+    def __init__(self, config: BMojoConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(BMojoDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = BMojoRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = (BMojoRotaryEmbedding(config.head_dim, config.rope_theta)
+                           if config.rope_theta is not None else None)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def _rope(self, start: int, length: int, device):
+        if self.rotary_emb is None:
+            return None
+        return self.rotary_emb(torch.arange(start, start + length, device=device))
+
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("BMojoModel: pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"BMojoModel: input_ids must be (batch, T), got shape {tuple(input_ids.shape)}")
+            if input_ids.is_floating_point():
+                raise ValueError(f"BMojoModel: input_ids must be integer token ids, got dtype {input_ids.dtype}")
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError(
+                "BMojoModel: attention_mask has padded positions, which these layers cannot honour yet: "
+                "recurrent (mamba, bmojo_f, bmojo) and windowed layers would count pads as tokens. "
+                "Run rows of different lengths separately."
+            )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: BMojoCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """input_ids (b, T) -> last_hidden_state (b, T, d). With a cache that has seen tokens, the
+        new tokens run through the recurrent form one at a time; otherwise the parallel form runs
+        and, if ``use_cache``, leaves the state after the last token in the cache."""
+        self._check_inputs(input_ids, inputs_embeds, attention_mask)
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if use_cache and past_key_values is None:
+            past_key_values = BMojoCache(self.config)
+        if past_key_values is not None and not isinstance(past_key_values, BMojoCache):
+            raise TypeError(f"BMojoModel: past_key_values must be a BMojoCache, got {type(past_key_values).__name__}")
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        b, T, _ = h.shape
+        if T == 0:
+            raise ValueError("BMojoModel: got an empty sequence (T = 0)")
+        start = past_key_values.get_seq_length() if past_key_values is not None else 0
+        all_hidden = [] if output_hidden_states else None
+
+        if start == 0:
+            rope = self._rope(0, T, h.device)
+            for i, layer in enumerate(self.layers):
+                if all_hidden is not None:
+                    all_hidden.append(h)
+                h = layer(h, rope, past_key_values.layers[i] if past_key_values is not None else None)
+        else:
+            outs, per_token_hidden = [], []
+            for j in range(T):
+                x, t = h[:, j], start + j
+                rope = self._rope(t, 1, h.device)
+                hid = []
+                for i, layer in enumerate(self.layers):
+                    hid.append(x)
+                    x = layer.step(x, t, rope, past_key_values.layers[i])
+                outs.append(x)
+                per_token_hidden.append(hid)
+                for state in past_key_values.layers:
+                    state.seen_tokens = t + 1
+            if all_hidden is not None:
+                all_hidden = [torch.stack([p[i] for p in per_token_hidden], 1) for i in range(len(self.layers))]
+            h = torch.stack(outs, 1)
+        if past_key_values is not None and start == 0:
+            for state in past_key_values.layers:
+                state.seen_tokens = T
+        h = self.norm(h)
+        if all_hidden is not None:
+            all_hidden.append(h)
+        return BaseModelOutputWithPast(
+            last_hidden_state=h,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+        )
+
+
+class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: BMojoConfig):
+        super().__init__(config)
+        self.model = BMojoModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: BMojoCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """input_ids (b, T) -> logits (b, T, vocab) (the last ``logits_to_keep`` positions if > 0);
+        ``labels`` (b, T) give the shifted next-token cross-entropy, -100 ignored."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+                         inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states)
+        h = out.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            h = h[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            h = h[:, logits_to_keep]
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                      hidden_states=out.hidden_states)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        # transformers' DynamicCache knows attention layers only; every bmojo layer keeps a BMojoCache state.
+        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+            model_kwargs["past_key_values"] = BMojoCache(self.config)
+
+
+__all__ = ["BMojoPreTrainedModel", "BMojoModel", "BMojoForCausalLM"]
