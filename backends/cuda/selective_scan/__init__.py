@@ -1,0 +1,4 @@
+from .chunk import SelectiveScanFn, selective_scan
+from .fused_recurrent import selective_state_update
+
+__all__ = ["SelectiveScanFn", "selective_scan", "selective_state_update"]

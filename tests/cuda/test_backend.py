@@ -1,0 +1,39 @@
+"""The cuda backend module: OPS, signatures matching the torch backend, and dispatch."""
+import inspect
+import warnings
+
+import torch
+
+from cuda_testutils import triton  # noqa: F401  (skips the module without triton)
+
+import bmojo_cuda  # noqa: E402
+from bmojo.ops import registry, torch_ops  # noqa: E402
+
+
+def test_ops_cover_the_kernels_and_match_torch_signatures():
+    assert set(bmojo_cuda.OPS) == set(registry.OP_NAMES) - {"innovation_select", "bmojo_attention", "attention_decode"}
+    for name, fn in bmojo_cuda.OPS.items():
+        ref = inspect.signature(torch_ops.OPS[name])
+        sig = inspect.signature(fn)
+        ref_params = list(ref.parameters.values())
+        params = list(sig.parameters.values())[: len(ref_params)]
+        assert [p.name for p in params] == [p.name for p in ref_params], name
+        assert [p.default for p in params] == [p.default for p in ref_params], name
+
+
+def test_dispatch_picks_the_kernels(device):
+    assert registry.resolve("selective_scan", "cuda", device) is bmojo_cuda.OPS["selective_scan"]
+
+    if device.type == "cuda":
+        pass
+
+
+def test_innovation_select_falls_back_with_one_warning(device):
+    registry._warned.discard(("cuda", "innovation_select"))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        fn = registry.resolve("innovation_select", "cuda", device)
+        registry.resolve("innovation_select", "cuda", device)
+    assert fn is torch_ops.OPS["innovation_select"]
+    assert sum("innovation_select" in str(x.message) for x in w) == 1
+    assert torch.is_tensor(fn(torch.randn(1, 8, 4, device=device), 4, 2, 2)[0])
