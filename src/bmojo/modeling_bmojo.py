@@ -12,6 +12,7 @@ The model calls only :mod:`bmojo.ops`; the kernels behind it are picked by ``con
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -344,6 +345,19 @@ class BMojoDecoderLayer(nn.Module):
         return self._mlp(h + mixed)
 
 
+AUTO_MAP = {
+    "AutoConfig": "configuration_bmojo.BMojoConfig",
+    "AutoModel": "modeling_bmojo.BMojoModel",
+    "AutoModelForCausalLM": "modeling_bmojo.BMojoForCausalLM",
+}
+# Written beside config.json so `trust_remote_code=True` loads without `import bmojo` first. They
+# only import the installed package: loading never runs code that came with a checkpoint's weights.
+REMOTE_CODE_SHIMS = {
+    "configuration_bmojo.py": "from bmojo.configuration_bmojo import BMojoConfig  # noqa: F401\n",
+    "modeling_bmojo.py": "from bmojo.modeling_bmojo import BMojoForCausalLM, BMojoModel  # noqa: F401\n",
+}
+
+
 class BMojoPreTrainedModel(PreTrainedModel):
     config_class = BMojoConfig
     config: BMojoConfig
@@ -353,6 +367,16 @@ class BMojoPreTrainedModel(PreTrainedModel):
     _keep_in_fp32_modules = ["A_log", "D"]
     _is_stateful = True
     _supports_sdpa = False
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Safetensors weights, config.json with an ``auto_map``, and the two import shims it names."""
+        if kwargs.get("safe_serialization") is False:
+            raise ValueError("bmojo saves safetensors only (safe_serialization=False was asked for)")
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        for name, text in REMOTE_CODE_SHIMS.items():
+            with open(os.path.join(save_directory, name), "w") as fh:
+                fh.write(text)
 
     @torch.no_grad()
     def _init_weights(self, module):

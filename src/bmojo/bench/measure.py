@@ -1,0 +1,119 @@
+"""Timing, peak memory and table helpers for benchmarks (figures are measured, never asserted)."""
+from __future__ import annotations
+
+import os
+import platform
+import threading
+import time
+
+import torch
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+
+
+class PeakMemory:
+    """Peak memory added while the ``with`` block runs, in bytes (``.peak``).
+
+    CUDA: ``torch.cuda.max_memory_allocated`` above the allocation at entry. CPU: the resident set
+    size sampled every millisecond by a thread, above its value at entry (Linux ``/proc``; elsewhere
+    ``.peak`` stays None and ``.method`` says so).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", interval: float = 0.001):
+        self.device = torch.device(device)
+        self.interval = interval
+        self.peak: int | None = None
+        self.method = "cuda_max_allocated" if self.device.type == "cuda" else "rss_sampled"
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        self._base = _rss_bytes()
+        if self._base is None:
+            self.method = "unavailable (no /proc/self/statm)"
+            return self
+        self._max = self._base
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self._max = max(self._max, _rss_bytes() or 0)
+                time.sleep(self.interval)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+        elif self._base is not None:
+            self._stop.set()
+            self._thread.join()
+            self._max = max(self._max, _rss_bytes() or 0)
+            self.peak = self._max - self._base
+        return False
+
+
+def time_call(fn, warmup: int = 1, repeat: int = 3, device: torch.device | str = "cpu") -> float:
+    """Median wall time of ``fn()`` in seconds after ``warmup`` calls."""
+    device = torch.device(device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def machine_description() -> str:
+    """One line naming the machine: CPU model, cores, torch threads, GPU if any, versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    parts = [f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads"]
+    if torch.cuda.is_available():
+        parts.append(f"GPU {torch.cuda.get_device_name()}")
+    return "; ".join(parts)
+
+
+def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """Rows of dicts -> a GitHub markdown table (floats with 4 significant digits)."""
+    if not rows:
+        return "(no rows)"
+    columns = columns or list(rows[0])
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,81 @@
+"""The ``bmojo`` command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from .bench import PeakMemory, format_table, machine_description, time_call
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return v
+
+
+def cmd_zoo(args) -> int:
+    """Build each zoo preset at a tiny size; time a forward pass and a short generation on the CPU."""
+    from . import BMojoForCausalLM
+    from .presets import MEMBERS, preset_config
+
+    members = args.members or list(MEMBERS)
+    for m in members:
+        if m not in MEMBERS:
+            raise SystemExit(f"bmojo zoo: unknown member {m!r}; choose from {', '.join(MEMBERS)}")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows = []
+    for member in tqdm(members, desc="zoo", unit="model"):
+        model = BMojoForCausalLM(preset_config(member, args.size, backend=args.backend)).eval()
+        ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len))
+        with torch.no_grad():
+            with PeakMemory() as mem:
+                fwd = time_call(lambda: model(ids, use_cache=False), warmup=1, repeat=3)
+            prompt = ids[:, : min(16, args.seq_len)]
+            model.generate(prompt, max_new_tokens=2, do_sample=False)  # warm-up
+            t0 = time.perf_counter()
+            out = model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                 do_sample=False)
+            gen = time.perf_counter() - t0
+        rows.append({
+            "model": member,
+            "layers": ",".join(sorted(set(model.config.layer_types))),
+            "params": sum(p.numel() for p in model.parameters()),
+            "forward tok/s": args.batch * args.seq_len / fwd,
+            "generate tok/s": args.batch * (out.shape[1] - prompt.shape[1]) / gen,
+            "peak MiB": None if mem.peak is None else mem.peak / 2**20,
+        })
+    print(f"\nbmojo zoo: {args.size} presets, batch {args.batch}, forward T={args.seq_len}, "
+          f"generate {args.new_tokens} tokens after 16; backend={args.backend}")
+    print(f"machine: {machine_description()}\n")
+    print(format_table(rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bmojo", description="B'MOJO model zoo: build, compare, benchmark.")
+    sub = p.add_subparsers(dest="command", required=True)
+    z = sub.add_parser("zoo", help="build every zoo preset at a tiny size and time forward + generate on CPU")
+    z.add_argument("--members", nargs="*", help="presets to run (default: all)")
+    z.add_argument("--size", default="tiny", help="preset size (default tiny)")
+    z.add_argument("--seq-len", type=_positive_int, default=256)
+    z.add_argument("--batch", type=_positive_int, default=1)
+    z.add_argument("--new-tokens", type=_positive_int, default=32)
+    z.add_argument("--threads", type=_positive_int, default=torch.get_num_threads())
+    z.add_argument("--backend", default="torch", choices=["auto", "torch", "cuda", "neuron"])
+    z.set_defaults(func=cmd_zoo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

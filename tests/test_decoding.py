@@ -1,0 +1,100 @@
+"""Step-by-step decoding reproduces the parallel forward (SPEC 1.3), and greedy generate() equals
+argmax decoding of the parallel forward."""
+import pytest
+import torch
+
+from bmojo import BMojoCache, BMojoForCausalLM
+from conftest import tiny_config
+
+STACKS = {
+    "attention": ["attention", "attention"],
+    "sliding_attention": ["sliding_attention", "sliding_attention"],
+    "mamba": ["mamba", "mamba"],
+    "bmojo_f": ["bmojo_f", "bmojo_f"],
+    "bmojo": ["bmojo", "bmojo"],
+    "mixed": ["bmojo", "mamba", "attention", "sliding_attention", "bmojo_f"],
+}
+T = 4 * 8 + 5  # four windows of w=8 plus a remainder
+
+
+def _model(stack, **kw):
+    return BMojoForCausalLM(tiny_config(STACKS[stack], **kw)).eval()
+
+
+@pytest.mark.parametrize("rope", [None, 10000.0], ids=["nope", "rope"])
+@pytest.mark.parametrize("stack", list(STACKS))
+def test_step_by_step_matches_parallel(stack, rope):
+    model = _model(stack, rope_theta=rope)
+    ids = torch.randint(0, 64, (2, T))
+    with torch.no_grad():
+        parallel = model(ids).logits
+        cache = BMojoCache(model.config)
+        steps = torch.cat([model(ids[:, j : j + 1], past_key_values=cache, use_cache=True).logits
+                           for j in range(T)], 1)
+    torch.testing.assert_close(steps, parallel, atol=1e-4, rtol=0)
+    assert cache.get_seq_length() == T
+
+
+@pytest.mark.parametrize("split", [1, 8, 16, 19])
+@pytest.mark.parametrize("stack", ["bmojo", "mixed"])
+def test_prefill_then_steps_matches_parallel(stack, split):
+    """The state left by a parallel prefill of any length (on, before or after a chunk boundary)
+    continues exactly like the step-by-step state."""
+    model = _model(stack)
+    ids = torch.randint(0, 64, (2, T))
+    with torch.no_grad():
+        parallel = model(ids).logits
+        cache = BMojoCache(model.config)
+        head = model(ids[:, :split], past_key_values=cache, use_cache=True).logits
+        tail = model(ids[:, split:], past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(torch.cat([head, tail], 1), parallel, atol=1e-4, rtol=0)
+
+
+def test_memory_is_used():
+    """The eidetic slots change the output (so the equivalence tests above exercise them)."""
+    model = _model("bmojo")
+    ids = torch.randint(0, 64, (1, T))
+    with torch.no_grad():
+        with_memory = model(ids).logits
+        model.config.memory_slots = 1
+        fewer = model(ids).logits
+    assert not torch.allclose(with_memory[:, 16:], fewer[:, 16:], atol=1e-5)
+    torch.testing.assert_close(with_memory[:, :8], fewer[:, :8])  # chunk 0 has no memory either way
+
+
+@pytest.mark.parametrize("stack", ["bmojo", "mixed", "mamba", "attention"])
+def test_greedy_generate_equals_parallel_argmax(stack):
+    model = _model(stack)
+    prompt = torch.randint(0, 63, (2, 13))  # 63 is the pad id
+    out = model.generate(prompt, max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=63)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(24):
+            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, seq)
+
+
+def test_sampling_generate_runs_batched():
+    model = _model("mixed")
+    prompt = torch.randint(0, 63, (3, 9))
+    torch.manual_seed(1)
+    a = model.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=True, top_k=8, pad_token_id=63)
+    torch.manual_seed(1)
+    b = model.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=True, top_k=8, pad_token_id=63)
+    assert a.shape == (3, 19) and torch.equal(a, b) and torch.equal(a[:, :9], prompt)
+
+
+def test_state_size_is_constant_except_full_attention():
+    model = _model("mixed")
+    sizes = {}
+    for n in (20, 60):
+        cache = BMojoCache(model.config)
+        with torch.no_grad():
+            model(torch.randint(0, 64, (1, n)), past_key_values=cache, use_cache=True)
+            model(torch.randint(0, 64, (1, 1)), past_key_values=cache, use_cache=True)
+        sizes[n] = cache.state_nbytes()
+    for i, lt in enumerate(model.config.layer_types):
+        if lt == "attention":
+            assert sizes[60][i] > sizes[20][i]
+        else:
+            assert sizes[60][i] == sizes[20][i], lt
