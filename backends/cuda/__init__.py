@@ -1,12 +1,12 @@
 """bmojo's cuda backend: Triton kernels, forward and backward (SPEC section 2).
 
 ``OPS`` maps op names to callables with the torch backend's signatures (bmojo.ops.torch_ops). Ops left
-out (``innovation_select``, and for now the attention ops) fall back to the torch backend through the registry, which warns once.
+out (``innovation_select``) fall back to the torch backend through the registry, which warns once.
 Without a GPU the kernels run on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``, set
 before triton is first imported); that is how the tests in tests/cuda run.
 
 Layout, one folder per op: selective_scan/{chunk (scan fwd/bwd), fused_recurrent (decoding step)},
-causal_conv1d/conv.
+causal_conv1d/conv, attention/{parallel (B'MOJO attention fwd/bwd), decode}.
 """
 try:
     import triton  # noqa: F401
@@ -17,6 +17,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         f"({e}). Install it with: pip install 'bmojo[cuda]'"
     ) from e
 
+from .attention import attention_decode, bmojo_attention
 from .causal_conv1d import causal_conv1d, causal_conv1d_update
 from .selective_scan import selective_scan, selective_state_update
 
@@ -25,6 +26,8 @@ OPS = {
     "selective_state_update": selective_state_update,
     "causal_conv1d": causal_conv1d,
     "causal_conv1d_update": causal_conv1d_update,
+    "bmojo_attention": bmojo_attention,
+    "attention_decode": attention_decode,
 }
 
 __all__ = ["OPS", *OPS]

@@ -11,7 +11,7 @@ from bmojo.ops import registry, torch_ops  # noqa: E402
 
 
 def test_ops_cover_the_kernels_and_match_torch_signatures():
-    assert set(bmojo_cuda.OPS) == set(registry.OP_NAMES) - {"innovation_select", "bmojo_attention", "attention_decode"}
+    assert set(bmojo_cuda.OPS) == set(registry.OP_NAMES) - {"innovation_select"}
     for name, fn in bmojo_cuda.OPS.items():
         ref = inspect.signature(torch_ops.OPS[name])
         sig = inspect.signature(fn)
@@ -23,9 +23,9 @@ def test_ops_cover_the_kernels_and_match_torch_signatures():
 
 def test_dispatch_picks_the_kernels(device):
     assert registry.resolve("selective_scan", "cuda", device) is bmojo_cuda.OPS["selective_scan"]
-
+    assert registry.resolve("bmojo_attention", "cuda", device) is bmojo_cuda.OPS["bmojo_attention"]
     if device.type == "cuda":
-        pass
+        assert registry.resolve("bmojo_attention", "auto", device) is bmojo_cuda.OPS["bmojo_attention"]
 
 
 def test_innovation_select_falls_back_with_one_warning(device):

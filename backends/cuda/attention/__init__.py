@@ -1,0 +1,4 @@
+from .decode import attention_decode
+from .parallel import BMojoAttentionFn, bmojo_attention
+
+__all__ = ["BMojoAttentionFn", "attention_decode", "bmojo_attention"]
