@@ -71,9 +71,10 @@ class LayerState:
         self._map(lambda t: t[indices])
 
 
-def ring_positions(t: int, size: int, device) -> torch.Tensor:
-    """Positions held by the ``size`` slots of a ring after position ``t`` (negative = empty)."""
-    j = torch.arange(size, device=device)
+def ring_positions(t: torch.Tensor, size: int) -> torch.Tensor:
+    """Positions held by the ``size`` slots of a ring after position t (b,) -> (b, size); negative = empty."""
+    j = torch.arange(size, device=t.device)
+    t = t[:, None]
     return t - torch.remainder(t - j, size)
 
 
@@ -85,7 +86,27 @@ class BMojoCache(Cache):
 
     def __init__(self, config):
         self.config = config
+        # Per row, the position of the next token in that row's own frame (left padding excluded).
+        self.positions: torch.Tensor | None = None
         super().__init__(layers=[LayerState(t) for t in config.layer_types])
+
+    @classmethod
+    def stack_rows(cls, config, caches: list["BMojoCache"]) -> "BMojoCache":
+        """One batched cache from caches of single rows. Growing keys of ``attention`` layers are
+        left-padded to a common length and marked invalid there."""
+        out = cls(config)
+        out.positions = torch.cat([c.positions for c in caches])
+        for i, layer in enumerate(out.layers):
+            parts = [c.layers[i].tensors for c in caches]
+            for name in parts[0]:
+                xs = [p[name] for p in parts]
+                longest = max(x.shape[1] for x in xs) if xs[0].dim() > 1 else None
+                if longest is not None and any(x.shape[1] != longest for x in xs):
+                    fill = False if xs[0].dtype == torch.bool else 0
+                    xs = [torch.cat([x.new_full((1, longest - x.shape[1], *x.shape[2:]), fill), x], 1) for x in xs]
+                layer[name] = torch.cat(xs)
+            layer.seen_tokens = max(c.layers[i].seen_tokens for c in caches)
+        return out
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].seen_tokens if self.layers else 0
@@ -112,18 +133,25 @@ class BMojoCache(Cache):
         return [False] * len(self.layers)
 
     def reset(self) -> None:
+        self.positions = None
         for layer in self.layers:
             layer.reset()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.positions is not None:
+            self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
         for layer in self.layers:
             layer.reorder_cache(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.positions is not None:
+            self.positions = self.positions.repeat_interleave(repeats, dim=0)
         for layer in self.layers:
             layer.batch_repeat_interleave(repeats)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.positions is not None:
+            self.positions = self.positions[indices]
         for layer in self.layers:
             layer.batch_select_indices(indices)
 

@@ -49,17 +49,19 @@ class BMojoRotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (T,) -> cos, sin (T, head_dim) fp32."""
-        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
+        """positions (T,) or (b, T) -> cos, sin (..., T, head_dim) fp32."""
+        freqs = positions.float()[..., None] * self.inv_freq.float()
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos(), emb.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (b, T, H, D), cos/sin (T, D) -> x rotated, in x's dtype."""
+    """x (b, T, H, D), cos/sin (T, D) or (b, T, D) -> x rotated, in x's dtype."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = cos[..., None, :], sin[..., None, :]
+    if cos.dim() == 3:
+        cos, sin = cos[None], sin[None]
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
@@ -236,10 +238,11 @@ class BMojoAttention(nn.Module):
         """Rings, history and memory as the step-by-step decoder would hold them after position T-1."""
         if self.window is None:
             state["k"], state["v"] = k.detach().clone(), v.detach().clone()
+            state["valid"] = torch.ones(k.shape[:2], dtype=torch.bool, device=k.device)
             return
 
         def ring(x, size):
-            p = ring_positions(T - 1, size, x.device)
+            p = ring_positions(torch.tensor([T - 1], device=x.device), size)[0]
             out = x[:, p.clamp(min=0)].clone()
             out[:, p < 0] = 0
             return out
@@ -253,7 +256,7 @@ class BMojoAttention(nn.Module):
             eps = ops.innovation_scores(f, taps)
             f_hist = torch.cat([f.new_zeros(f.shape[0], taps, f.shape[2]), f], dim=1)[:, -taps:]
             state["f_hist"] = f_hist.clone()
-            p = ring_positions(T - 1, 2 * w, f.device)
+            p = ring_positions(torch.tensor([T - 1], device=f.device), 2 * w)[0]
             state["cand_k"], state["cand_v"] = ring(k, 2 * w), ring(v, 2 * w)
             state["cand_eps"] = eps[:, p.clamp(min=0)].masked_fill(p < 0, float("-inf"))
             valid = kw["memory_valid"][:, -1]
@@ -262,16 +265,22 @@ class BMojoAttention(nn.Module):
             state["mem_eps"] = torch.gather(eps, 1, positions[:, -1]).masked_fill(~valid, float("-inf"))
 
     # -- recurrent form ------------------------------------------------------------------------
-    def step(self, u: torch.Tensor, t: int, rope, state: LayerState) -> torch.Tensor:
-        """One token at position t: u (b, d) -> (b, d), updating ``state`` in place."""
+    def step(self, u: torch.Tensor, t: torch.Tensor, rope, state: LayerState) -> torch.Tensor:
+        """One token per row: u (b, d) at positions t (b,) -> (b, d), updating ``state`` in place.
+
+        Rows may sit at different positions (left-padded batches), so ring slots, validity and chunk
+        boundaries are computed per row, with tensor ops only (no host synchronisation)."""
         c = self.config
+        b = u.shape[0]
+        rows = torch.arange(b, device=u.device)
         q, k, v = self._qkv(u[:, None], rope)  # (b, 1, H, D)
         q, k, v = q[:, 0], k[:, 0], v[:, 0]
         if self.window is None:
             state["k"] = torch.cat([state["k"], k[:, None]], 1)
             state["v"] = torch.cat([state["v"], v[:, None]], 1)
-            o = ops.attention_decode(q, state["k"], state["v"], backend=c.backend)
-            return self.o_proj(o.reshape(u.shape[0], -1))
+            state["valid"] = torch.cat([state["valid"], state["valid"].new_ones(b, 1)], 1)
+            o = ops.attention_decode(q, state["k"], state["v"], state["valid"], backend=c.backend)
+            return self.o_proj(o.reshape(b, -1))
 
         w, m_f = self.window, self.fading_window
         keys, values, valids = [], [], []
@@ -280,39 +289,43 @@ class BMojoAttention(nn.Module):
             if m_f > 0:
                 kf, vf = self._fading_kv(f[:, None], rope)
                 slot = t % (w + m_f)
-                state["kf"][:, slot], state["vf"][:, slot] = kf[:, 0], vf[:, 0]
-                p = ring_positions(t, w + m_f, u.device)
+                state["kf"][rows, slot], state["vf"][rows, slot] = kf[:, 0], vf[:, 0]
+                p = ring_positions(t, w + m_f)
                 keys.append(state["kf"]), values.append(state["vf"])
-                valids.append(((p >= 0) & (p <= t - w)).expand(u.shape[0], -1))
+                valids.append((p >= 0) & (p <= t[:, None] - w))
         if self.use_memory:
             self._step_memory(t, f, k, v, state)
             keys.append(state["mem_k"]), values.append(state["mem_v"])
             valids.append(state["mem_eps"] > float("-inf"))
-        state["k"][:, t % w], state["v"][:, t % w] = k, v
+        slot = t % w
+        state["k"][rows, slot], state["v"][rows, slot] = k, v
         keys.append(state["k"]), values.append(state["v"])
-        valids.append((ring_positions(t, w, u.device) >= 0).expand(u.shape[0], -1))
+        valids.append(ring_positions(t, w) >= 0)
         o = ops.attention_decode(q, torch.cat(keys, 1), torch.cat(values, 1), torch.cat(valids, 1), backend=c.backend)
-        return self.o_proj(o.reshape(u.shape[0], -1))
+        return self.o_proj(o.reshape(b, -1))
 
-    def _step_memory(self, t: int, f: torch.Tensor, k, v, state: LayerState) -> None:
-        """Eidetic memory at position t: merge the candidates of chunk t // w at its first token,
-        then record t's own key, value and innovation as a candidate for a later chunk."""
+    def _step_memory(self, t: torch.Tensor, f: torch.Tensor, k, v, state: LayerState) -> None:
+        """Eidetic memory at positions t (b,): rows at the first token of a chunk merge that chunk's
+        candidates, then every row records its token's key, value and innovation as a candidate."""
         w, taps, slots = self.window, self.config.innovation_taps, self.config.memory_slots
-        if t % w == 0 and t > 0:
-            chunk = t // w
-            p = ring_positions(t - 1, 2 * w, f.device)
-            fresh = (p >= 0) & (p > (chunk - 2) * w) & (p <= (chunk - 1) * w)
-            cand_eps = state["cand_eps"].masked_fill(~fresh, float("-inf"))
-            eps, pos, idx = ops.merge_memory(state["mem_eps"], state["mem_pos"], cand_eps,
-                                             p.clamp(min=0).expand_as(cand_eps), slots)
-            gather = idx[:, :, None, None].expand(-1, -1, k.shape[1], k.shape[2])
-            state["mem_k"] = torch.gather(torch.cat([state["mem_k"], state["cand_k"]], 1), 1, gather)
-            state["mem_v"] = torch.gather(torch.cat([state["mem_v"], state["cand_v"]], 1), 1, gather)
-            state["mem_eps"], state["mem_pos"] = eps, pos
+        rows = torch.arange(t.shape[0], device=t.device)
+        chunk = (t // w)[:, None]
+        p = ring_positions(t - 1, 2 * w)  # (b, 2w): candidates written so far
+        fresh = (p >= 0) & (p > (chunk - 2) * w) & (p <= (chunk - 1) * w)
+        cand_eps = state["cand_eps"].masked_fill(~fresh, float("-inf"))
+        eps, pos, idx = ops.merge_memory(state["mem_eps"], state["mem_pos"], cand_eps, p.clamp(min=0), slots)
+        gather = idx[:, :, None, None].expand(-1, -1, k.shape[1], k.shape[2])
+        at_boundary = ((t % w == 0) & (t > 0))[:, None]
+        state["mem_k"] = torch.where(at_boundary[..., None, None],
+                                     torch.gather(torch.cat([state["mem_k"], state["cand_k"]], 1), 1, gather), state["mem_k"])
+        state["mem_v"] = torch.where(at_boundary[..., None, None],
+                                     torch.gather(torch.cat([state["mem_v"], state["cand_v"]], 1), 1, gather), state["mem_v"])
+        state["mem_eps"] = torch.where(at_boundary, eps, state["mem_eps"])
+        state["mem_pos"] = torch.where(at_boundary, pos, state["mem_pos"])
         eps_t = ops.innovation_scores(f[:, None], taps, state["f_hist"])[:, 0]
         state["f_hist"] = torch.cat([state["f_hist"][:, 1:], f[:, None].to(state["f_hist"].dtype)], 1)
         slot = t % (2 * w)
-        state["cand_k"][:, slot], state["cand_v"][:, slot], state["cand_eps"][:, slot] = k, v, eps_t
+        state["cand_k"][rows, slot], state["cand_v"][rows, slot], state["cand_eps"][rows, slot] = k, v, eps_t
 
 
 class BMojoDecoderLayer(nn.Module):
@@ -338,8 +351,8 @@ class BMojoDecoderLayer(nn.Module):
         mixed = self.mixer(u, state) if self.layer_type == "mamba" else self.mixer(u, rope, state)
         return self._mlp(h + mixed)
 
-    def step(self, h: torch.Tensor, t: int, rope, state: LayerState) -> torch.Tensor:
-        """Recurrent form: one token h (b, d) at position t -> (b, d)."""
+    def step(self, h: torch.Tensor, t: torch.Tensor, rope, state: LayerState) -> torch.Tensor:
+        """Recurrent form: one token per row, h (b, d) at positions t (b,) -> (b, d)."""
         u = self.input_layernorm(h)
         mixed = self.mixer.step(u, state) if self.layer_type == "mamba" else self.mixer.step(u, t, rope, state)
         return self._mlp(h + mixed)
@@ -413,25 +426,52 @@ class BMojoModel(BMojoPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def _rope(self, start: int, length: int, device):
-        if self.rotary_emb is None:
-            return None
-        return self.rotary_emb(torch.arange(start, start + length, device=device))
+    def _rope(self, positions: torch.Tensor):
+        return None if self.rotary_emb is None else self.rotary_emb(positions)
 
-    def _check_inputs(self, input_ids, inputs_embeds, attention_mask):
+    def _check_inputs(self, input_ids, inputs_embeds):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("BMojoModel: pass exactly one of input_ids and inputs_embeds")
+        device = self.embed_tokens.weight.device
+        x = input_ids if input_ids is not None else inputs_embeds
+        if x.device != device:
+            raise ValueError(f"BMojoModel: inputs are on {x.device} but the model is on {device}; move them with .to({str(device)!r})")
         if input_ids is not None:
             if input_ids.dim() != 2:
                 raise ValueError(f"BMojoModel: input_ids must be (batch, T), got shape {tuple(input_ids.shape)}")
-            if input_ids.is_floating_point():
+            if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
                 raise ValueError(f"BMojoModel: input_ids must be integer token ids, got dtype {input_ids.dtype}")
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise ValueError(
-                "BMojoModel: attention_mask has padded positions, which these layers cannot honour yet: "
-                "recurrent (mamba, bmojo_f, bmojo) and windowed layers would count pads as tokens. "
-                "Run rows of different lengths separately."
-            )
+            if input_ids.numel() and not torch.compiler.is_compiling() and device.type != "meta":
+                lo, hi = int(input_ids.min()), int(input_ids.max())
+                if lo < 0 or hi >= self.config.vocab_size:
+                    bad = lo if lo < 0 else hi
+                    raise ValueError(f"BMojoModel: token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"BMojoModel: inputs_embeds must be (batch, T, {self.config.hidden_size}), "
+                             f"got {tuple(inputs_embeds.shape)}")
+        if x.shape[1] == 0:
+            raise ValueError("BMojoModel: got an empty sequence (T = 0)")
+
+    @staticmethod
+    def _left_padding(attention_mask, start: int, T: int) -> torch.Tensor | None:
+        """Pads per row (b,) of a left-padded prompt, or None when there is nothing to mask."""
+        if attention_mask is None:
+            return None
+        mask = attention_mask.bool()
+        if mask.dim() != 2 or mask.shape[1] != start + T:
+            raise ValueError(f"BMojoModel: attention_mask must be (batch, {start + T}) (past + new tokens), "
+                             f"got {tuple(attention_mask.shape)}")
+        if bool(mask.all()):
+            return None
+        if start > 0 and not bool(mask[:, start:].all()):
+            raise ValueError("BMojoModel: masked tokens after the prompt; only left padding of the prompt is supported")
+        if not bool((mask[:, 1:] >= mask[:, :-1]).all()):
+            rows = (mask[:, 1:] < mask[:, :-1]).any(1).nonzero().flatten().tolist()
+            raise ValueError(f"BMojoModel: attention_mask rows {rows} are not left-padded (a 0 follows a 1); "
+                             "right or inner padding is not supported: pad on the left (tokenizer.padding_side='left')")
+        if not bool(mask.any(1).all()):
+            raise ValueError("BMojoModel: an attention_mask row masks every token")
+        return (~mask).sum(1)
 
     def forward(
         self,
@@ -444,10 +484,13 @@ class BMojoModel(BMojoPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        """input_ids (b, T) -> last_hidden_state (b, T, d). With a cache that has seen tokens, the
-        new tokens run through the recurrent form one at a time; otherwise the parallel form runs
-        and, if ``use_cache``, leaves the state after the last token in the cache."""
-        self._check_inputs(input_ids, inputs_embeds, attention_mask)
+        """input_ids (b, T) -> last_hidden_state (b, T, d).
+
+        A fresh (or no) cache runs the parallel form and, if ``use_cache``, leaves the state after the
+        last token; a cache that has seen tokens runs the recurrent form token by token. A left-padded
+        ``attention_mask`` runs each row's prompt on its own (outputs at pads are zero), so every row
+        gets exactly the result it would get alone."""
+        self._check_inputs(input_ids, inputs_embeds)
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if use_cache and past_key_values is None:
             past_key_values = BMojoCache(self.config)
@@ -455,44 +498,72 @@ class BMojoModel(BMojoPreTrainedModel):
             raise TypeError(f"BMojoModel: past_key_values must be a BMojoCache, got {type(past_key_values).__name__}")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, T, _ = h.shape
-        if T == 0:
-            raise ValueError("BMojoModel: got an empty sequence (T = 0)")
         start = past_key_values.get_seq_length() if past_key_values is not None else 0
-        all_hidden = [] if output_hidden_states else None
+        pad = self._left_padding(attention_mask, start, T)
 
-        if start == 0:
-            rope = self._rope(0, T, h.device)
-            for i, layer in enumerate(self.layers):
-                if all_hidden is not None:
-                    all_hidden.append(h)
-                h = layer(h, rope, past_key_values.layers[i] if past_key_values is not None else None)
+        if start > 0:
+            h, hidden = self._recurrent(h, past_key_values, output_hidden_states)
+        elif pad is None:
+            h, hidden = self._parallel(h, past_key_values, output_hidden_states)
         else:
-            outs, per_token_hidden = [], []
-            for j in range(T):
-                x, t = h[:, j], start + j
-                rope = self._rope(t, 1, h.device)
-                hid = []
-                for i, layer in enumerate(self.layers):
-                    hid.append(x)
-                    x = layer.step(x, t, rope, past_key_values.layers[i])
-                outs.append(x)
-                per_token_hidden.append(hid)
-                for state in past_key_values.layers:
-                    state.seen_tokens = t + 1
-            if all_hidden is not None:
-                all_hidden = [torch.stack([p[i] for p in per_token_hidden], 1) for i in range(len(self.layers))]
-            h = torch.stack(outs, 1)
-        if past_key_values is not None and start == 0:
-            for state in past_key_values.layers:
-                state.seen_tokens = T
-        h = self.norm(h)
-        if all_hidden is not None:
-            all_hidden.append(h)
+            outs, hidden, rows = [], [], []
+            for i in range(b):
+                row_cache = BMojoCache(self.config) if past_key_values is not None else None
+                out, hid = self._parallel(h[i:i + 1, int(pad[i]):], row_cache, output_hidden_states)
+                zeros = out.new_zeros(1, int(pad[i]), out.shape[-1])
+                outs.append(torch.cat([zeros, out], 1))
+                hidden.append(None if hid is None else [torch.cat([zeros, x], 1) for x in hid])
+                rows.append(row_cache)
+            h = torch.cat(outs)
+            hidden = None if hidden[0] is None else [torch.cat(xs) for xs in zip(*hidden)]
+            if past_key_values is not None:
+                merged = BMojoCache.stack_rows(self.config, rows)
+                past_key_values.layers, past_key_values.positions = merged.layers, merged.positions
+                for layer in past_key_values.layers:
+                    layer.seen_tokens = T
         return BaseModelOutputWithPast(
             last_hidden_state=h,
             past_key_values=past_key_values if use_cache else None,
-            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            hidden_states=tuple(hidden) if hidden is not None else None,
         )
+
+    def _parallel(self, h, cache, output_hidden_states):
+        b, T, _ = h.shape
+        rope = self._rope(torch.arange(T, device=h.device))
+        hidden = [] if output_hidden_states else None
+        for i, layer in enumerate(self.layers):
+            if hidden is not None:
+                hidden.append(h)
+            h = layer(h, rope, cache.layers[i] if cache is not None else None)
+        h = self.norm(h)
+        if hidden is not None:
+            hidden.append(h)
+        if cache is not None:
+            cache.positions = torch.full((b,), T, dtype=torch.long, device=h.device)
+            for state in cache.layers:
+                state.seen_tokens = T
+        return h, hidden
+
+    def _recurrent(self, h, cache, output_hidden_states):
+        t = cache.positions
+        outs, per_token = [], []
+        for j in range(h.shape[1]):
+            x = h[:, j]
+            rope = self._rope(t[:, None])
+            hid = []
+            for i, layer in enumerate(self.layers):
+                hid.append(x)
+                x = layer.step(x, t, rope, cache.layers[i])
+            x = self.norm(x)
+            hid.append(x)
+            outs.append(x)
+            per_token.append(hid)
+            t = t + 1
+            for state in cache.layers:
+                state.seen_tokens += 1
+        cache.positions = t
+        hidden = [torch.stack([p[i] for p in per_token], 1) for i in range(len(self.layers) + 1)] if output_hidden_states else None
+        return torch.stack(outs, 1), hidden
 
 
 class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
