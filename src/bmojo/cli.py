@@ -57,6 +57,35 @@ def cmd_zoo(args) -> int:
     return 0
 
 
+def cmd_presets(args) -> int:
+    """Every preset: parameters, decode-time state per sequence, parameter bytes per layer."""
+    from .presets import PAPER_SIZES, SIZES, preset_table
+
+    for s in args.sizes:
+        if s not in SIZES:
+            raise SystemExit(f"bmojo presets: unknown size {s!r}; choose from {', '.join(SIZES)}")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    print(format_table(preset_table(args.sizes or PAPER_SIZES, dtype)))
+    print(f"\nstate/seq: decode-time state of one sequence ({args.dtype} keys/values/conv, fp32 SSM state); "
+          "fixed for every layer type but attention, whose KV cache grows by grows/token.\n"
+          f"MiB/layer: parameter bytes of one layer of each type at {args.dtype}. "
+          "Presets ship as checkpoints/<preset>/config.json.")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    """Convert a Hugging Face Mamba / Llama or a mamba-ssm checkpoint into a bmojo checkpoint."""
+    from .convert import convert
+
+    try:
+        out = convert(args.source, args.output, source_format=args.source_format, allow_pickle=args.allow_pickle,
+                      overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        raise SystemExit(f"bmojo convert: {e}") from None
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bmojo", description="B'MOJO model zoo: build, compare, benchmark.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -69,6 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--threads", type=_positive_int, default=torch.get_num_threads())
     z.add_argument("--backend", default="torch", choices=["auto", "torch", "cuda", "neuron"])
     z.set_defaults(func=cmd_zoo)
+    pr = sub.add_parser("presets", help="table of every zoo preset: parameters, decode state, bytes per layer")
+    pr.add_argument("--sizes", nargs="*", default=[], help="sizes to list (default: 130m 370m 790m 1.4b)")
+    pr.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    pr.set_defaults(func=cmd_presets)
+    cv = sub.add_parser("convert", help="convert a HF MambaForCausalLM / LlamaForCausalLM or mamba-ssm checkpoint")
+    cv.add_argument("source", help="checkpoint directory (config.json + safetensors), or a mamba-ssm weights file")
+    cv.add_argument("output", help="directory to write the bmojo checkpoint to (must not exist unless --overwrite)")
+    cv.add_argument("--from", dest="source_format", default="auto", choices=["auto", "hf-mamba", "hf-llama", "mamba-ssm"],
+                    help="source layout (default: detected from config.json)")
+    cv.add_argument("--allow-pickle", action="store_true",
+                    help="also read pickled .bin/.pt weights (with torch.load(weights_only=True))")
+    cv.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    cv.set_defaults(func=cmd_convert)
     return p
 
 

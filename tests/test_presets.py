@@ -1,0 +1,97 @@
+"""Zoo presets (SPEC 1.2): the shipped checkpoints/<preset>/ configs, their sizes, the analytic
+parameter and decode-state counts behind `bmojo presets`, and the CLI table."""
+from __future__ import annotations
+
+import filecmp
+import os
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import bmojo  # noqa: F401  (registers model_type "bmojo")
+from bmojo import BMojoConfig, BMojoForCausalLM
+from bmojo.cli import main as cli_main
+from bmojo.presets import (MEMBERS, NOMINAL_PARAMS, PAPER_SIZES, layer_param_count, layer_state_nbytes, param_count,
+                           preset_config, preset_names, write_preset_configs)
+
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
+
+
+def test_shipped_presets_build_on_meta_within_10_percent():
+    for name, member, size in preset_names(PAPER_SIZES):
+        path = os.path.join(ROOT, name)
+        assert sorted(os.listdir(path)) == ["README.md", "config.json"], name
+        config = AutoConfig.from_pretrained(path)
+        assert isinstance(config, BMojoConfig)
+        got, want = config.to_dict(), preset_config(member, size).to_dict()
+        got.pop("_name_or_path"), want.pop("_name_or_path")
+        assert got == want, f"{name}: regenerate with python -m bmojo.presets --write checkpoints"
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        n = sum(p.numel() for p in model.parameters())
+        assert n == param_count(config), name
+        assert abs(n / NOMINAL_PARAMS[size] - 1) <= 0.10, f"{name}: {n:,} parameters vs nominal {NOMINAL_PARAMS[size]:,.0f}"
+        assert f"{n:,}" in open(os.path.join(path, "README.md")).read(), name
+        assert config.vocab_size == 50280
+        if member == "mamba":
+            assert config.intermediate_size == 0 and set(config.layer_types) == {"mamba"}
+        if member in ("swa", "hybrid", "bmojo-f", "bmojo"):
+            assert config.sliding_window == 512
+
+
+def test_regenerating_the_checkpoints_gives_the_committed_files(tmp_path):
+    write_preset_configs(str(tmp_path))
+    for name, _, _ in preset_names(PAPER_SIZES):
+        for f in ("config.json", "README.md"):
+            assert filecmp.cmp(tmp_path / name / f, os.path.join(ROOT, name, f), shallow=False), f"{name}/{f}"
+
+
+def test_preset_api_keeps_tiny_and_overrides():
+    c = preset_config("bmojo", "tiny", num_hidden_layers=3, backend="torch")
+    assert c.num_hidden_layers == 3 and c.layer_types == ["bmojo"] * 3 and c.backend == "torch"
+    assert set(MEMBERS) == {"transformer", "swa", "mamba", "hybrid", "bmojo-f", "bmojo"}
+    with pytest.raises(ValueError, match="member"):
+        preset_config("gpt", "130m")
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(attention_bias=True, mlp_bias=True, proj_bias=True, conv_bias=False, tie_fading_kv=False,
+         tie_word_embeddings=False, num_key_value_heads=2, head_dim=8),
+])
+def test_analytic_parameter_count_matches_the_model(kw):
+    types = ["attention", "sliding_attention", "mamba", "bmojo_f", "bmojo"]
+    c = BMojoConfig(vocab_size=97, hidden_size=32, num_hidden_layers=5, layer_types=types, intermediate_size=48,
+                    num_attention_heads=4, sliding_window=8, **kw)
+    model = BMojoForCausalLM(c)
+    assert sum(p.numel() for p in model.parameters()) == param_count(c)
+    for i, t in enumerate(types):
+        assert sum(p.numel() for p in model.model.layers[i].parameters()) == layer_param_count(c, t), t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("member", MEMBERS)
+def test_analytic_state_size_matches_the_cache(member, dtype):
+    """`bmojo presets` computes state sizes from the config (SPEC 1.3); BMojoCache holds the same."""
+    torch.manual_seed(0)
+    c = preset_config(member, "tiny", backend="torch", fading_window=8)
+    model = BMojoForCausalLM(c).to(dtype).eval()
+    T = 3 * c.sliding_window + 5  # past the window, the fading window and a chunk boundary
+    ids = torch.randint(0, c.vocab_size, (1, T))
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        cache = out.past_key_values
+        expected = [sum(x * n for x, n in zip(layer_state_nbytes(c, t, dtype), (1, T))) for t in c.layer_types]
+        assert cache.state_nbytes() == expected
+        model(ids[:, :1], past_key_values=cache)  # one decoding step: only attention grows
+        expected = [sum(x * n for x, n in zip(layer_state_nbytes(c, t, dtype), (1, T + 1))) for t in c.layer_types]
+        assert cache.state_nbytes() == expected
+
+
+def test_presets_cli_table(capsys):
+    assert cli_main(["presets"]) == 0
+    out = capsys.readouterr().out
+    for name, _, _ in preset_names(PAPER_SIZES):
+        assert f"| {name} |" in out
+    assert "grows" in out and "(fixed)" in out
