@@ -23,6 +23,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from . import ops
 from .cache import BMojoCache, LayerState, ring_positions
+from .checkpoint import validate_checkpoint
 from .configuration_bmojo import BMojoConfig
 
 
@@ -380,6 +381,20 @@ class BMojoPreTrainedModel(PreTrainedModel):
     _keep_in_fp32_modules = ["A_log", "D"]
     _is_stateful = True
     _supports_sdpa = False
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, allow_pickle: bool = False, **kwargs):
+        """transformers' ``from_pretrained``, after a full check of a local checkpoint (see
+        :func:`bmojo.checkpoint.validate_checkpoint`). Safetensors only unless ``allow_pickle``."""
+        path = str(pretrained_model_name_or_path)
+        if os.path.isdir(path):
+            config = kwargs.get("config")
+            if not isinstance(config, BMojoConfig):
+                config = BMojoConfig.from_pretrained(path)
+            validate_checkpoint(path, cls, config, allow_pickle=allow_pickle)
+        if not allow_pickle:
+            kwargs["use_safetensors"] = True
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Safetensors weights, config.json with an ``auto_map``, and the two import shims it names."""
