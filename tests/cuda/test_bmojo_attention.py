@@ -65,6 +65,18 @@ def test_attention_fp32(device, small_attention_blocks, case):
     check(device, *CASES[case], torch.float32)
 
 
+def test_attention_memory_valid_none(device, small_attention_blocks):
+    t, kw = make(device, 1, 21, 2, 1, 16, 8, True, None, 2, torch.float32)
+    kw["memory_valid"] = None  # every slot valid
+    o = bmojo_attention(**t, **kw)
+    o_ref = bmojo_attention_ref(**t, **kw)
+    assert_close(o, o_ref, torch.float32, "o")
+    cot = [torch.randn_like(o_ref)]
+    ins = [t["q"], kw["k_memory"], kw["v_memory"]]
+    for n, go, gr in zip(("q", "k_memory", "v_memory"), grads([o], cot, ins), grads([o_ref], cot, ins)):
+        assert_close(go, gr, torch.float32, f"d{n}")
+
+
 def test_attention_invalid_memory_chunk_and_fading_window_zero(device, small_attention_blocks):
     # chunk 1 has no valid slot at all; fading_window=0 turns the fading keys off
     check(device, 2, 29, 2, 1, 16, 8, True, 0, 3, torch.float32, invalid_chunk=1)

@@ -73,7 +73,7 @@ def _fwd_band(acc, m_i, l_i, q, k_base, v_base, sk_t, sv_t, offs_m, offs_d, mask
 
 
 @triton.jit
-def _fwd_memory(acc, m_i, l_i, q, km_base, vm_base, mv_base, skm_c, skm_e, svm_c, svm_e, smv_c,
+def _fwd_memory(acc, m_i, l_i, q, km_base, vm_base, MV, mv_off, skm_c, skm_e, svm_c, svm_e, smv_c,
                 offs_m, offs_d, mask_d, c_lo, c_hi, window, m_e, qk_scale,
                 HAS_VALID: tl.constexpr, PREC: tl.constexpr, BLOCK_E: tl.constexpr):
     chunk_of_q = offs_m // window
@@ -82,7 +82,7 @@ def _fwd_memory(acc, m_i, l_i, q, km_base, vm_base, mv_base, skm_c, skm_e, svm_c
             offs_e = e0 + tl.arange(0, BLOCK_E)
             mask_e = offs_e < m_e
             if HAS_VALID:
-                mask_e = mask_e & (tl.load(mv_base + c * smv_c + offs_e, mask=mask_e, other=0) != 0)
+                mask_e = mask_e & (tl.load(MV + mv_off + c * smv_c + offs_e, mask=mask_e, other=0) != 0)
             me2 = mask_e[:, None] & mask_d[None, :]
             k = tl.load(km_base + c * skm_c + offs_e[:, None] * skm_e + offs_d[None, :], mask=me2, other=0.0)
             v = tl.load(vm_base + c * svm_c + offs_e[:, None] * svm_e + offs_d[None, :], mask=me2, other=0.0)
@@ -133,7 +133,7 @@ def _bmojo_attn_fwd_kernel(
                                   skf_t, svf_t, offs_m, offs_d, mask_d, lo, hi, fad_lo, window, qk_scale, PREC, BLOCK_N)
     if HAS_MEM:
         acc, m_i, l_i = _fwd_memory(acc, m_i, l_i, q, KM + b * skm_b + hk * skm_h, VM + b * svm_b + hk * svm_h,
-                                    MV + b * smv_b, skm_c, skm_e, svm_c, svm_e, smv_c, offs_m, offs_d, mask_d,
+                                    MV, b * smv_b, skm_c, skm_e, svm_c, svm_e, smv_c, offs_m, offs_d, mask_d,
                                     m_first // window, m_last // window, window, m_e, qk_scale, HAS_VALID, PREC, BLOCK_E)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_safe[:, None]

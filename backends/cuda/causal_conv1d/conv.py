@@ -161,7 +161,7 @@ def _silu(activation) -> bool:
 
 
 def _blocks(T: int, d: int) -> tuple[int, int]:
-    return min(64, next_pow2(T)), min(64, next_pow2(d))
+    return min(32, next_pow2(T)), min(32, next_pow2(d))
 
 
 class CausalConv1dFn(torch.autograd.Function):
