@@ -1,0 +1,49 @@
+"""How the neuron tests run the NKI kernels without Trainium hardware.
+
+If the real ``nki`` package (Neuron SDK, NKI 0.3+) is importable, kernels run under ``nki.simulate``.
+Otherwise the NumPy emulator in ``nki_emulator`` stands in for ``nki`` / ``nki.language`` / ``nki.isa``
+while the kernel modules are imported (and only then), and runs them with its own ``simulate``.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+KERNEL_MODULES = ("bmojo_neuron.kernels._common", "bmojo_neuron.kernels.selective_scan",
+                  "bmojo_neuron.kernels.attention")
+
+
+def _real_nki():
+    try:
+        import nki
+        import nki.isa  # noqa: F401
+        import nki.language  # noqa: F401
+    except Exception:
+        return None
+    return nki if hasattr(nki, "simulate") and hasattr(nki, "jit") else None
+
+
+REAL_NKI = _real_nki()
+if REAL_NKI is not None:
+    NKI = REAL_NKI
+    for _m in KERNEL_MODULES:
+        importlib.import_module(_m)
+else:
+    import nki_emulator as NKI  # noqa: N812
+
+    with NKI.installed():
+        for _m in [m for m in sys.modules if m.startswith("bmojo_neuron.kernels")]:
+            del sys.modules[_m]
+        for _m in KERNEL_MODULES:
+            importlib.import_module(_m)
+
+BACKEND = "nki.simulate (Neuron SDK)" if REAL_NKI is not None else "NumPy emulator (tests/neuron/nki_emulator)"
+
+
+def call(kernel, *args):
+    """Run one kernel on the simulator: what ``layout.*_impl`` calls instead of the device."""
+    return NKI.simulate(kernel)(*args)
+
+
+def kernels(name: str):
+    return sys.modules[f"bmojo_neuron.kernels.{name}"]
