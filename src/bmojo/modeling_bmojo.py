@@ -409,6 +409,8 @@ class BMojoPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
+        if isinstance(module, BMojoRotaryEmbedding):  # non-persistent buffer: from_pretrained leaves it uninitialized
+            init.copy_(module.inv_freq, BMojoRotaryEmbedding(self.config.head_dim, self.config.rope_theta).inv_freq)
         if isinstance(module, BMojoMambaMixer):
             module.init_mamba_weights()
             init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
