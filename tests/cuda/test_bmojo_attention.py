@@ -113,3 +113,17 @@ def test_attention_decode(device, dtype, Hq, Hkv, S, D):
         assert_close(out, attention_decode_ref(q, k, v, va), dtype, "o")
     out = ops.attention_decode(q, k, v, valid, scale=0.3, backend="cuda")
     assert_close(out, attention_decode_ref(q, k, v, valid, scale=0.3), dtype, "o (dispatch)")
+
+
+def test_attention_grad_of_some_inputs_only(device, small_attention_blocks):
+    t, kw = make(device, 1, 21, 2, 1, 16, 8, True, None, 2, torch.float32)
+    for name in ("k", "v"):
+        t[name] = t[name].detach()
+    for name in ("k_fading", "v_fading", "k_memory"):
+        kw[name] = kw[name].detach()
+    o = bmojo_attention(**t, **kw)
+    o_ref = bmojo_attention_ref(**t, **kw)
+    cot = [torch.randn_like(o_ref)]
+    ins = [t["q"], kw["v_memory"]]
+    for n, go, gr in zip(("q", "v_memory"), grads([o], cot, ins), grads([o_ref], cot, ins)):
+        assert_close(go, gr, torch.float32, f"d{n}")

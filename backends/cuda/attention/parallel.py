@@ -441,17 +441,20 @@ class BMojoAttentionFn(torch.autograd.Function):
         BD = max(16, next_pow2(D))
         prec = _dot_precision(q.dtype)
         qk_scale = scale * LOG2E
-        dq = torch.empty_like(q)
-        # dq: large query blocks, small key blocks (the transpose of the dk/dv tiling)
-        _bmojo_attn_bwd_dq_kernel[(triton.cdiv(T, BN), b * Hq)](
-            q, k, v, kf, vf, km, vm, mv, do, lse, delta, dq,
-            q.stride(0), q.stride(1), q.stride(2), *_kv_strides(k), *_kv_strides(v),
-            *_kv_strides(kf), *_kv_strides(vf), *_mem_strides(km, vm, mv),
-            do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
-            T, Hq, n_rep, D, win, ctx_lo, fad_lo, m_e, qk_scale, scale,
-            HAS_FADING=has_fading, HAS_MEM=has_mem, HAS_VALID=mv is not None, PREC=prec,
-            BLOCK_M=BN, BLOCK_N=BM, BLOCK_E=BE, BLOCK_D=BD, num_warps=warps, num_stages=2,
-        )
+        need = ctx.needs_input_grad
+        dq = dk = dv = dkf = dvf = dkm = dvm = None
+        if need[0]:
+            # dq: large query blocks, small key blocks (the transpose of the dk/dv tiling)
+            dq = torch.empty_like(q)
+            _bmojo_attn_bwd_dq_kernel[(triton.cdiv(T, BN), b * Hq)](
+                q, k, v, kf, vf, km, vm, mv, do, lse, delta, dq,
+                q.stride(0), q.stride(1), q.stride(2), *_kv_strides(k), *_kv_strides(v),
+                *_kv_strides(kf), *_kv_strides(vf), *_mem_strides(km, vm, mv),
+                do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
+                T, Hq, n_rep, D, win, ctx_lo, fad_lo, m_e, qk_scale, scale,
+                HAS_FADING=has_fading, HAS_MEM=has_mem, HAS_VALID=mv is not None, PREC=prec,
+                BLOCK_M=BN, BLOCK_N=BM, BLOCK_E=BE, BLOCK_D=BD, num_warps=warps, num_stages=2,
+            )
 
         def band(kk, vv, LO, HI):
             dk = torch.empty(kk.shape, dtype=kk.dtype, device=kk.device)
@@ -465,11 +468,11 @@ class BMojoAttentionFn(torch.autograd.Function):
             )
             return dk, dv
 
-        dk, dv = band(k, v, ctx_lo, 0)
-        dkf = dvf = dkm = dvm = None
-        if has_fading:
+        if need[1] or need[2]:
+            dk, dv = band(k, v, ctx_lo, 0)
+        if has_fading and (need[3] or need[4]):
             dkf, dvf = band(kf, vf, fad_lo, window)
-        if has_mem:
+        if has_mem and (need[5] or need[6]):
             n_chunks = km.shape[1]
             dkm = torch.empty(km.shape, dtype=km.dtype, device=km.device)
             dvm = torch.empty(vm.shape, dtype=vm.dtype, device=vm.device)
@@ -479,8 +482,8 @@ class BMojoAttentionFn(torch.autograd.Function):
                 T, Hq, Hkv, n_rep, D, win, n_chunks, m_e, qk_scale, scale,
                 HAS_VALID=mv is not None, PREC=prec, BLOCK_M=BM, BLOCK_E=BE, BLOCK_D=BD, num_warps=warps, num_stages=2,
             )
-        extra = [g if g is not None else (torch.zeros_like(u) if u is not None else None)
-                 for g, u in zip((dkf, dvf, dkm, dvm), ctx.unused)]
+        extra = [g if g is not None else (torch.zeros_like(u) if u is not None and need[3 + i] else None)
+                 for i, (g, u) in enumerate(zip((dkf, dvf, dkm, dvm), ctx.unused))]
         return (dq, dk, dv, *extra, None, None, None, None)
 
 
