@@ -86,9 +86,52 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def cmd_bench(args) -> int:
+    """Every shipped checkpoint x every backend that runs here, with transformers' own Mamba and Llama."""
+    from .bench.run import QUICK, BenchSettings, run_bench, write_outputs
+
+    settings = BenchSettings(checkpoints=args.checkpoints, models=args.models, backends=args.backends,
+                             batch=args.batch, dtype=args.dtype, threads=args.threads,
+                             baselines=not args.no_baselines, output=args.output)
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(settings, k, v)
+    if args.contexts:
+        settings.contexts = args.contexts
+    if args.decode_tokens:
+        settings.decode_tokens = args.decode_tokens
+    rows = run_bench(settings)
+    print(write_outputs(rows, settings, as_json=args.json))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bmojo", description="B'MOJO model zoo: build, compare, benchmark.")
     sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", help="compare every shipped checkpoint on every backend here (the main job)")
+    b.add_argument("--quick", action="store_true", help="contexts 1K and 2K, few decode steps (< 2 minutes on 2 CPU cores)")
+    b.add_argument("--checkpoints", help="directory of checkpoints (default: the repository's checkpoints/)")
+    b.add_argument("--models", nargs="*", help="checkpoint names to run (default: all with weights)")
+    b.add_argument("--backends", nargs="*", choices=["torch", "cuda", "neuron"], help="default: all that run here")
+    b.add_argument("--contexts", type=_int_list, help="comma-separated context lengths (default 1024,...,32768)")
+    b.add_argument("--decode-tokens", type=_positive_int, help="decoding steps timed after each prompt")
+    b.add_argument("--batch", type=_positive_int, default=1)
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    b.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's)")
+    b.add_argument("--no-baselines", action="store_true", help="skip transformers' MambaForCausalLM / LlamaForCausalLM")
+    b.add_argument("--output", default="bench_out", help="folder for results.md/.csv/.json and the plots")
+    b.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    b.set_defaults(func=cmd_bench)
     z = sub.add_parser("zoo", help="build every zoo preset at a tiny size and time forward + generate on CPU")
     z.add_argument("--members", nargs="*", help="presets to run (default: all)")
     z.add_argument("--size", default="tiny", help="preset size (default tiny)")

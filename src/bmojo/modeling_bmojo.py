@@ -277,10 +277,11 @@ class BMojoAttention(nn.Module):
         q, k, v = self._qkv(u[:, None], rope)  # (b, 1, H, D)
         q, k, v = q[:, 0], k[:, 0], v[:, 0]
         if self.window is None:
-            state["k"] = torch.cat([state["k"], k[:, None]], 1)
-            state["v"] = torch.cat([state["v"], v[:, None]], 1)
-            state["valid"] = torch.cat([state["valid"], state["valid"].new_ones(b, 1)], 1)
-            o = ops.attention_decode(q, state["k"], state["v"], state["valid"], backend=c.backend)
+            n = state.seen_tokens  # this token's index in the (left-padded) cache
+            self._reserve(state, n + 1)
+            state["k"][:, n], state["v"][:, n], state["valid"][:, n] = k, v, True
+            o = ops.attention_decode(q, state["k"][:, : n + 1], state["v"][:, : n + 1], state["valid"][:, : n + 1],
+                                     backend=c.backend)
             return self.o_proj(o.reshape(b, -1))
 
         w, m_f = self.window, self.fading_window
@@ -304,6 +305,18 @@ class BMojoAttention(nn.Module):
         valids.append(ring_positions(t, w) >= 0)
         o = ops.attention_decode(q, torch.cat(keys, 1), torch.cat(values, 1), torch.cat(valids, 1), backend=c.backend)
         return self.o_proj(o.reshape(b, -1))
+
+    @staticmethod
+    def _reserve(state: LayerState, length: int) -> None:
+        """Grow the KV cache of a full-attention layer to hold ``length`` tokens, doubling its capacity
+        (amortised O(1) appends). New slots are invalid until written."""
+        cap = state["k"].shape[1]
+        if length <= cap:
+            return
+        extra = max(cap, length - cap, 16)
+        for name in ("k", "v", "valid"):
+            x = state[name]
+            state[name] = torch.cat([x, x.new_zeros(x.shape[0], extra, *x.shape[2:])], 1)
 
     def _step_memory(self, t: torch.Tensor, f: torch.Tensor, k, v, state: LayerState) -> None:
         """Eidetic memory at positions t (b,): rows at the first token of a chunk merge that chunk's

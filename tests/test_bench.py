@@ -1,0 +1,54 @@
+"""The bench runs at its smallest setting and every figure it reports is a positive number."""
+import csv
+import io
+import json
+
+import pytest
+import torch
+
+from bmojo import BMojoForCausalLM
+from bmojo.bench.run import COLUMNS, BenchSettings, run_bench, to_csv, write_outputs
+from bmojo.cli import main
+from bmojo.presets import preset_config
+
+
+@pytest.fixture(scope="module")
+def ckpt_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    for member in ("mamba", "transformer", "bmojo"):
+        BMojoForCausalLM(preset_config(member, "tiny")).save_pretrained(root / member)
+    (root / "no-weights").mkdir()  # a config-only preset dir is not a shipped checkpoint
+    return root
+
+
+def test_quick_bench_smallest_setting(ckpt_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["bench", "--quick", "--checkpoints", str(ckpt_root), "--contexts", "64,128",
+                 "--decode-tokens", "2", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    header = "| " + " | ".join(COLUMNS) + " |"
+    assert header in printed
+    rows = list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
+    impls = {(r["model"], r["impl"]) for r in rows}
+    assert impls == {("mamba", "bmojo"), ("mamba", "hf-MambaForCausalLM"), ("transformer", "bmojo"),
+                     ("transformer", "hf-LlamaForCausalLM"), ("bmojo", "bmojo")}
+    assert len(rows) == 2 * len(impls)
+    for r in rows:
+        for col in ("context", "prefill_tok_s", "decode_tok_s", "memory_budget"):
+            assert float(r[col]) > 0, (col, r)
+        if r["impl"] == "bmojo":
+            assert float(r["state_kib"]) > 0
+        if r["peak_mib"] != "":
+            assert float(r["peak_mib"]) >= 0
+    for png in ("throughput_vs_context.png", "memory_vs_context.png"):
+        assert (out / png).stat().st_size > 1000
+    data = json.loads((out / "results.json").read_text())
+    assert data["machine"] and len(data["rows"]) == len(rows)
+
+
+def test_bench_rejects_unknown_model_and_backend(ckpt_root):
+    with pytest.raises(SystemExit, match="unknown models"):
+        run_bench(BenchSettings(checkpoints=str(ckpt_root), models=["gpt5"], contexts=[32]))
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="'cuda' cannot run here"):
+            run_bench(BenchSettings(checkpoints=str(ckpt_root), backends=["cuda"], contexts=[32]))
