@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--threads", type=_positive_int, default=torch.get_num_threads())
     z.add_argument("--backend", default="torch", choices=["auto", "torch", "cuda", "neuron"])
     z.set_defaults(func=cmd_zoo)
+    from .train import add_train_arguments  # the trainer's flags live beside it
+    add_train_arguments(sub.add_parser("train", help="train a zoo model on MQAR (one process, or torchrun: DDP / FSDP2)"))
     pr = sub.add_parser("presets", help="table of every zoo preset: parameters, decode state, bytes per layer")
     pr.add_argument("--sizes", nargs="*", default=[], help="sizes to list (default: 130m 370m 790m 1.4b)")
     pr.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
