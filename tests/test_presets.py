@@ -31,7 +31,8 @@ def test_shipped_presets_build_on_meta_within_10_percent():
             model = AutoModelForCausalLM.from_config(config)
         n = sum(p.numel() for p in model.parameters())
         assert n == param_count(config), name
-        assert abs(n / NOMINAL_PARAMS[size] - 1) <= 0.10, f"{name}: {n:,} parameters vs nominal {NOMINAL_PARAMS[size]:,.0f}"
+        nominal = NOMINAL_PARAMS[size]
+        assert abs(n / nominal - 1) <= 0.10, f"{name}: {n:,} parameters vs nominal {nominal:,.0f}"
         assert f"{n:,}" in open(os.path.join(path, "README.md")).read(), name
         assert config.vocab_size == 50280
         if member == "mamba":
@@ -85,8 +86,12 @@ def test_analytic_state_size_matches_the_cache(member, dtype):
         expected = [sum(x * n for x, n in zip(layer_state_nbytes(c, t, dtype), (1, T))) for t in c.layer_types]
         assert cache.state_nbytes() == expected
         model(ids[:, :1], past_key_values=cache)  # one decoding step: only attention grows
-        expected = [sum(x * n for x, n in zip(layer_state_nbytes(c, t, dtype), (1, T + 1))) for t in c.layer_types]
-        assert cache.state_nbytes() == expected
+        for t, got in zip(c.layer_types, cache.state_nbytes()):
+            fixed, per_token = layer_state_nbytes(c, t, dtype)
+            if per_token:  # a growing KV cache may reserve capacity ahead (amortised appends)
+                assert fixed + per_token * (T + 1) <= got <= fixed + per_token * 2 * (T + 16), t
+            else:
+                assert got == fixed, t
 
 
 def test_presets_cli_table(capsys):

@@ -122,8 +122,8 @@ def layer_state_nbytes(config: BMojoConfig, layer_type: str, dtype: torch.dtype 
     """Decode-time state of one ``layer_type`` layer for one sequence (SPEC 1.3), as held by
     :class:`bmojo.BMojoCache` with the model in ``dtype``: ``(fixed_bytes, bytes_per_token)``.
 
-    Only ``attention`` grows (its keys, values and a validity flag per token); every other type has
-    ``bytes_per_token == 0``. The SSM state and the innovation scores are fp32, positions int64.
+    Only ``attention`` grows (its keys, values and a validity flag per token; the cache may reserve
+    capacity ahead of the tokens held); every other type has ``bytes_per_token == 0``. The SSM state and the innovation scores are fp32, positions int64.
     """
     c = config
     a = torch.empty((), dtype=dtype).element_size()
