@@ -13,7 +13,7 @@ from conftest import tiny_config
 
 
 def test_round_trip_and_auto_classes(tmp_path):
-    model = BMojoForCausalLM(tiny_config(["bmojo", "mamba", "attention"])).eval()
+    model = BMojoForCausalLM(tiny_config(["bmojo", "mamba", "attention"], rope_theta=10000.0)).eval()  # RoPE: a non-persistent buffer
     model.save_pretrained(tmp_path)
     files = set(os.listdir(tmp_path))
     assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt")) for f in files)
