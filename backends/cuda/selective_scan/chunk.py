@@ -226,6 +226,11 @@ def _block_d(d: int, G: int, cap: int) -> int:
     return pow2_divisor(d // G, cap)
 
 
+def _block_t(chunk_size: int, T: int) -> int:
+    """The time tile (= checkpoint spacing): the chunk size rounded up to a power of two, no longer than T needs."""
+    return min(next_pow2(chunk_size), next_pow2(T))
+
+
 def _as_groups(BC: torch.Tensor) -> torch.Tensor:
     return BC.unsqueeze(2) if BC.dim() == 3 else BC
 
@@ -248,7 +253,7 @@ def scan_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, store_st
     G = B4.shape[2]
     if C4.shape[2] != G:
         raise ValueError(f"selective_scan (cuda): B and C must have the same number of groups, got {B4.shape[2]} and {C4.shape[2]}")
-    BLOCK_T = next_pow2(chunk_size)
+    BLOCK_T = _block_t(chunk_size, T)
     n_chunks = triton.cdiv(T, BLOCK_T)
     cap, warps = _fwd_config(N, BLOCK_T)
     BLOCK_D = _block_d(d, G, cap)
@@ -275,7 +280,7 @@ def scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, states, w
     N = A.shape[1]
     B4, C4 = _as_groups(B), _as_groups(C)
     G = B4.shape[2]
-    BLOCK_T = next_pow2(chunk_size)
+    BLOCK_T = _block_t(chunk_size, T)
     n_chunks = states.shape[1]
     cap, warps = _bwd_config(N, BLOCK_T)
     BLOCK_D = _block_d(d, G, cap)
