@@ -385,6 +385,13 @@ REMOTE_CODE_SHIMS = {
 }
 
 
+def write_remote_code_shims(directory: str) -> None:
+    """The files ``AUTO_MAP`` names, so ``trust_remote_code=True`` works without ``import bmojo``."""
+    for name, text in REMOTE_CODE_SHIMS.items():
+        with open(os.path.join(directory, name), "w") as fh:
+            fh.write(text)
+
+
 class BMojoPreTrainedModel(PreTrainedModel):
     config_class = BMojoConfig
     config: BMojoConfig
@@ -415,9 +422,7 @@ class BMojoPreTrainedModel(PreTrainedModel):
             raise ValueError("bmojo saves safetensors only (safe_serialization=False was asked for)")
         self.config.auto_map = dict(AUTO_MAP)
         super().save_pretrained(save_directory, *args, **kwargs)
-        for name, text in REMOTE_CODE_SHIMS.items():
-            with open(os.path.join(save_directory, name), "w") as fh:
-                fh.write(text)
+        write_remote_code_shims(save_directory)
 
     @torch.no_grad()
     def _init_weights(self, module):

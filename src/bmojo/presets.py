@@ -322,9 +322,11 @@ def preset_table(sizes=PAPER_SIZES, dtype: torch.dtype = torch.bfloat16) -> list
 
 def write_preset_configs(root: str, sizes=PAPER_SIZES) -> list[str]:
     """Write ``<root>/<member>-<size>/{config.json,README.md}`` for every preset; returns the dirs."""
+    from .modeling_bmojo import AUTO_MAP, write_remote_code_shims
     out = []
     for name, member, size in preset_names(sizes):
         config = preset_config(member, size)
+        config.auto_map = dict(AUTO_MAP)  # loadable with trust_remote_code=True, like saved models
         path = os.path.join(root, name)
         os.makedirs(path, exist_ok=True)
         config.save_pretrained(path)
@@ -336,6 +338,7 @@ def write_preset_configs(root: str, sizes=PAPER_SIZES) -> list[str]:
         with open(cfg_file, "w") as fh:
             json.dump(data, fh, indent=2, sort_keys=True)
             fh.write("\n")
+        write_remote_code_shims(path)
         with open(os.path.join(path, "README.md"), "w") as fh:
             fh.write(model_card(member, size, config))
         out.append(path)
