@@ -3,7 +3,8 @@
 Each op has a fake (meta) implementation, so it traces under ``torch.compile`` / ``torch.export`` and
 ``torch_neuronx.trace``, and a registered autograd formula whose backward is itself a custom op. On XLA
 (Neuron) tensors both directions run the NKI kernels; on any other device they run the torch backend
-(``bmojo.ops.torch_ops``), the backward as a ``torch.func.vjp`` of it.
+(``bmojo.ops.torch_ops``), the backward as a ``torch.func.vjp`` of it (or of the naive reference, with a
+one-time warning, when torch.func cannot differentiate the torch backend's implementation).
 """
 from __future__ import annotations
 
@@ -59,8 +60,9 @@ def _register_xla(op, fn):
     for dev in _XLA_DEVICE_TYPES:
         try:
             op.register_kernel(dev)(fn)
-        except Exception:  # pragma: no cover - device type unknown to this torch build
-            pass
+        except Exception as e:  # pragma: no cover - device type unknown to this torch build
+            warnings.warn(f"bmojo_neuron: could not register the NKI kernel of {op._qualname} for {dev} tensors "
+                          f"({e}); on that device the op runs the torch backend", RuntimeWarning, stacklevel=2)
 
 
 def _empty(like: Tensor) -> Tensor:
