@@ -42,6 +42,7 @@ class BMojoConfig(PreTrainedConfig):
             Mamba-1 mixer settings as in mamba-ssm (dt_rank "auto" = ceil(hidden_size / 16)).
         attention_bias / mlp_bias: biases in the attention and MLP projections.
         rms_norm_eps, tie_word_embeddings, initializer_range: as in Llama.
+        residual_in_fp32: keep the residual stream in fp32 under half-precision weights (as Mamba does).
         backend: kernels to use: "auto" (by device), "torch", "cuda" or "neuron".
     """
 
@@ -77,6 +78,7 @@ class BMojoConfig(PreTrainedConfig):
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
     rescale_prenorm_residual: bool = True
+    residual_in_fp32: bool = True
     backend: str = "auto"
     use_cache: bool = True
     pad_token_id: int | None = None

@@ -25,8 +25,7 @@ nothing behind. Pickled weights (``.bin``, ``.pt``, ...) are refused unless ``al
 then read with ``torch.load(weights_only=True)``.
 
 Numerics: bmojo's RMSNorm is HF Mamba's / Llama's (fp32 statistics, weight applied after casting
-back). HF Mamba's and mamba-ssm's ``residual_in_fp32`` keep the residual stream in fp32; bmojo keeps it
-in the model's dtype, so converted models agree exactly in fp32 and to bf16 rounding in bf16.
+back), and ``residual_in_fp32`` is copied from the source (Llama keeps its residual in the model dtype).
 """
 from __future__ import annotations
 
@@ -35,7 +34,6 @@ import os
 import re
 import shutil
 import tempfile
-import warnings
 from typing import Callable
 
 import torch
@@ -165,7 +163,7 @@ def config_from_hf_mamba(source: str) -> BMojoConfig:
         dt_min=c.time_step_min, dt_max=c.time_step_max, dt_init_floor=c.time_step_floor,
         conv_bias=c.use_conv_bias, proj_bias=c.use_bias, rms_norm_eps=c.layer_norm_epsilon,
         tie_word_embeddings=c.tie_word_embeddings, initializer_range=c.initializer_range,
-        rescale_prenorm_residual=c.rescale_prenorm_residual,
+        rescale_prenorm_residual=c.rescale_prenorm_residual, residual_in_fp32=c.residual_in_fp32,
         pad_token_id=c.pad_token_id, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
     )
 
@@ -194,7 +192,7 @@ def config_from_hf_llama(source: str) -> BMojoConfig:
         num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
         head_dim=c.head_dim, rope_theta=float(theta), attention_bias=c.attention_bias, mlp_bias=c.mlp_bias,
         rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=c.tie_word_embeddings,
-        initializer_range=c.initializer_range, memory_slots=0,
+        initializer_range=c.initializer_range, memory_slots=0, residual_in_fp32=False,
         pad_token_id=c.pad_token_id, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
     )
 
@@ -235,7 +233,7 @@ def config_from_mamba_ssm(source: str) -> BMojoConfig:
         dt_rank=dt_rank, dt_min=ssm.get("dt_min", 0.001), dt_max=ssm.get("dt_max", 0.1),
         dt_init_floor=ssm.get("dt_init_floor", 1e-4), conv_bias=ssm.get("conv_bias", True),
         proj_bias=ssm.get("bias", False), rms_norm_eps=c.get("norm_epsilon", 1e-5),
-        tie_word_embeddings=c.get("tie_embeddings", True),
+        tie_word_embeddings=c.get("tie_embeddings", True), residual_in_fp32=c.get("residual_in_fp32", True),
     )
 
 
@@ -339,11 +337,6 @@ def load_converted(source: str, source_format: str = "auto", allow_pickle: bool 
             raise ValueError(f"tensor {mapping['lm_head.weight']!r} differs from the input embedding "
                              f"{mapping['model.embed_tokens.weight']!r} but the config ties them "
                              "(tie_word_embeddings / tie_embeddings = true)")
-    dtypes = {t.dtype for t in state.values()}
-    if fmt != "hf-llama" and dtypes - {torch.float32}:
-        warnings.warn(f"converting a {fmt} checkpoint stored in {sorted(map(str, dtypes))}: the source runs its "
-                      "residual stream in fp32 (residual_in_fp32), bmojo in the model dtype, so half-precision "
-                      "logits agree to rounding only", stacklevel=2)
     return config, state
 
 

@@ -343,9 +343,13 @@ class BMojoAttention(nn.Module):
 
 
 class BMojoDecoderLayer(nn.Module):
+    """``h + mixer(RMSNorm(h))`` then ``h + MLP(RMSNorm(h))``. With ``residual_in_fp32`` the residual
+    stream stays fp32 and each branch reads it cast to the weights' dtype (HF Mamba / mamba-ssm order)."""
+
     def __init__(self, config: BMojoConfig, layer_idx: int):
         super().__init__()
         self.layer_type = config.layer_types[layer_idx]
+        self.residual_in_fp32 = config.residual_in_fp32
         self.input_layernorm = BMojoRMSNorm(config.hidden_size, config.rms_norm_eps)
         if self.layer_type == "mamba":
             self.mixer = BMojoMambaMixer(config, layer_idx)
@@ -356,18 +360,25 @@ class BMojoDecoderLayer(nn.Module):
             self.post_mixer_layernorm = BMojoRMSNorm(config.hidden_size, config.rms_norm_eps)
             self.mlp = BMojoMLP(config)
 
+    def _branch_input(self, norm: BMojoRMSNorm, h: torch.Tensor):
+        u = norm(h.to(norm.weight.dtype))
+        return u, (h.float() if self.residual_in_fp32 else h)
+
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:
-        return h if self.mlp is None else h + self.mlp(self.post_mixer_layernorm(h))
+        if self.mlp is None:
+            return h
+        u, h = self._branch_input(self.post_mixer_layernorm, h)
+        return h + self.mlp(u)
 
     def forward(self, h: torch.Tensor, rope=None, state: LayerState | None = None) -> torch.Tensor:
         """Parallel form: h (b, T, d) -> (b, T, d)."""
-        u = self.input_layernorm(h)
+        u, h = self._branch_input(self.input_layernorm, h)
         mixed = self.mixer(u, state) if self.layer_type == "mamba" else self.mixer(u, rope, state)
         return self._mlp(h + mixed)
 
     def step(self, h: torch.Tensor, t: torch.Tensor, rope, state: LayerState) -> torch.Tensor:
         """Recurrent form: one token per row, h (b, d) at positions t (b,) -> (b, d)."""
-        u = self.input_layernorm(h)
+        u, h = self._branch_input(self.input_layernorm, h)
         mixed = self.mixer.step(u, state) if self.layer_type == "mamba" else self.mixer.step(u, t, rope, state)
         return self._mlp(h + mixed)
 
@@ -638,7 +649,7 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
             h = h[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
             h = h[:, logits_to_keep]
-        logits = self.lm_head(h)
+        logits = self.lm_head(h.to(self.lm_head.weight.dtype))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)

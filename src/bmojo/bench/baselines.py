@@ -32,7 +32,7 @@ def hf_baseline(model):
                           num_hidden_layers=c.num_hidden_layers, layer_norm_epsilon=c.rms_norm_eps, expand=c.expand,
                           conv_kernel=c.d_conv, use_bias=c.proj_bias, use_conv_bias=c.conv_bias,
                           time_step_rank=c.dt_rank, tie_word_embeddings=c.tie_word_embeddings,
-                          residual_in_fp32=False, pad_token_id=None, bos_token_id=None, eos_token_id=None)
+                          residual_in_fp32=c.residual_in_fp32, pad_token_id=None, bos_token_id=None, eos_token_id=None)
         rules = [(r"model\.embed_tokens\.(.*)", r"backbone.embeddings.\1"),
                  (r"model\.layers\.(\d+)\.input_layernorm\.(.*)", r"backbone.layers.\1.norm.\2"),
                  (r"model\.layers\.(\d+)\.mixer\.(.*)", r"backbone.layers.\1.mixer.\2"),
