@@ -1,15 +1,20 @@
-"""The torch backend: the implementations that run on any device (and the fallback everywhere)."""
-from .attention.naive import attention_decode_ref, bmojo_attention_ref
-from .causal_conv1d.naive import causal_conv1d_ref, causal_conv1d_update_ref
+"""The torch backend: the implementations that run on any device (and the fallback everywhere).
+
+Each fast implementation lives beside its naive reference (``bmojo/ops/<op>/naive.py``, the oracle):
+a chunked scan, a K-tap depthwise conv and block-sparse attention; never a (T, T) mask or a loop over T.
+"""
+from .attention.blocksparse import bmojo_attention_blocksparse
+from .attention.naive import attention_decode_ref
+from .causal_conv1d.torch_conv import causal_conv1d_torch, causal_conv1d_update_torch
 from .innovation.chunk import innovation_select_chunked
-from .selective_scan.naive import selective_scan_ref, selective_state_update_ref
+from .selective_scan.chunk import selective_scan_chunked, selective_state_update_step
 
 OPS = {
-    "selective_scan": selective_scan_ref,
-    "selective_state_update": selective_state_update_ref,
-    "causal_conv1d": causal_conv1d_ref,
-    "causal_conv1d_update": causal_conv1d_update_ref,
-    "bmojo_attention": bmojo_attention_ref,
+    "selective_scan": selective_scan_chunked,
+    "selective_state_update": selective_state_update_step,
+    "causal_conv1d": causal_conv1d_torch,
+    "causal_conv1d_update": causal_conv1d_update_torch,
+    "bmojo_attention": bmojo_attention_blocksparse,
     "attention_decode": attention_decode_ref,
     "innovation_select": innovation_select_chunked,
 }

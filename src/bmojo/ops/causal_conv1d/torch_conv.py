@@ -1,0 +1,61 @@
+"""Depthwise causal conv1d for the torch backend, token-major, K fused multiply-adds (K = taps, ~4).
+
+Measured on a 2-core CPU at (b, T, d, K) = (1, 2048, 1024, 4): ``F.conv1d(groups=d)`` on the (b, d, T)
+layout costs ~38 ms (two transposes plus a slow depthwise kernel); K ``addcmul`` on contiguous
+(b, T, d) slices costs ~8 ms forward (~34 vs ~50 ms forward + backward), so the taps win. It loops over
+the K taps, never over T.
+"""
+from __future__ import annotations
+
+import torch
+
+from .naive import _activate
+
+
+def causal_conv1d_torch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+):
+    """Same contract as ``causal_conv1d_ref``.
+
+    x (b, T, d); weight (d, K); bias (d,); initial_state (b, d, K-1), the K-1 inputs before position 0
+    (zeros if None). Returns y (b, T, d) in x's dtype and, if asked, the final state (b, d, K-1): the
+    last K-1 inputs, left-padded with the initial state when T < K-1.
+    """
+    b, T, d = x.shape
+    K = weight.shape[-1]
+    _activate(x.new_empty(0), activation)  # reject a bad activation name before any work
+    prev = x.new_zeros(b, K - 1, d) if initial_state is None else initial_state.to(x.dtype).transpose(1, 2)
+    # The explicit left context (the state, or zeros) makes the conv causal and lets a call continue
+    # a previous one; it is kept in x's dtype, like the reference's state.
+    xp = torch.cat([prev, x], dim=1)  # (b, K-1+T, d)
+    xpf, wf = xp.float(), weight.float()  # fp32 arithmetic, like the reference
+    # tap j multiplies x[t - (K-1) + j], i.e. the slice xp[:, j : j+T]
+    y = xpf[:, :T] * wf[:, 0] if bias is None else torch.addcmul(bias.float(), xpf[:, :T], wf[:, 0])
+    for j in range(1, K):
+        y = y.addcmul_(xpf[:, j : j + T], wf[:, j])
+    y = _activate(y, activation).to(x.dtype)
+    if return_final_state:
+        return y, xp[:, xp.shape[1] - (K - 1):].transpose(1, 2).contiguous()
+    return y
+
+
+def causal_conv1d_update_torch(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """One decoding step. x (b, d); conv_state (b, d, K-1) is shifted in place. Returns y (b, d)."""
+    xp = torch.cat([conv_state.to(x.dtype), x.unsqueeze(-1)], dim=-1)  # (b, d, K)
+    y = torch.einsum("bdk,dk->bd", xp.float(), weight.float())
+    if bias is not None:
+        y = y + bias.float()
+    y = _activate(y, activation).to(x.dtype)
+    conv_state.copy_(xp[:, :, 1:])
+    return y
