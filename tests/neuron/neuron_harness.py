@@ -9,6 +9,9 @@ from __future__ import annotations
 import importlib
 import sys
 
+import pytest
+import torch
+
 KERNEL_MODULES = ("bmojo_neuron.kernels._common", "bmojo_neuron.kernels.selective_scan",
                   "bmojo_neuron.kernels.attention")
 
@@ -47,3 +50,14 @@ def call(kernel, *args):
 
 def kernels(name: str):
     return sys.modules[f"bmojo_neuron.kernels.{name}"]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The reference loops run many tiny ops: one intra-op thread is much faster than two competing ones on
+    a shared 2-core machine. Restored after each test. (Test modules import this fixture; a conftest.py
+    here would shadow tests/conftest.py for the modules that ``from conftest import ...``.)"""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

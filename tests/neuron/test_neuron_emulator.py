@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import nki_emulator as nki
+from neuron_harness import one_torch_thread  # noqa: F401  (autouse fixture)
 from nki_emulator import NkiValidationError
 from nki_emulator import isa as nisa
 from nki_emulator import language as nl

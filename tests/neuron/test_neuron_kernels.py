@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import neuron_harness as H
+from neuron_harness import one_torch_thread  # noqa: F401  (autouse fixture)
 from bmojo.ops import bmojo_attention_ref, selective_scan_ref, selective_state_update_ref
 from bmojo_neuron import layout
 

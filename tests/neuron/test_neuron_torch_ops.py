@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import neuron_harness as H
+from neuron_harness import one_torch_thread  # noqa: F401  (autouse fixture)
 import bmojo_neuron
 import bmojo.ops as bmojo_ops
 from bmojo.ops import bmojo_attention_ref, registry, selective_scan_ref, selective_state_update_ref, torch_ops
