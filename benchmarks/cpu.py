@@ -1,0 +1,193 @@
+"""CPU benchmark of the torch backend against transformers' own models, on the same weights, in one run.
+
+Models (d_model 256, 4 layers, vocab 512, window 512, 64 eidetic slots): the zoo presets transformer,
+swa, mamba, hybrid, bmojo-f, bmojo, plus transformers' ``MambaForCausalLM`` (its torch path) on the
+mamba preset's weights and ``LlamaForCausalLM`` (sdpa) on the transformer preset's weights.
+
+Measures prefill tokens/s at T = 2048 and 8192, decode tokens/s after a 256- and a 16384-token prompt,
+and peak memory of a forward pass against T up to 32768 (each memory point in a fresh subprocess:
+peak resident set size above the size after building the model, so allocator reuse across points
+cannot hide growth). Writes benchmarks/results/cpu.md and cpu.png and prints the issue's target
+ratios, each measured in this same run.
+
+    python benchmarks/cpu.py              # the full run (about 15-25 minutes on 2 cores)
+    python benchmarks/cpu.py --quick      # smaller lengths, to check the script
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+MEMBERS = ("transformer", "swa", "mamba", "hybrid", "bmojo-f", "bmojo")
+
+
+def build(member: str, hf: bool = False):
+    """The bmojo preset (or its transformers twin) at the benchmark's size, seeded identically."""
+    from bmojo import BMojoForCausalLM
+    from bmojo.bench.baselines import hf_baseline
+    from bmojo.presets import preset_config
+
+    torch.manual_seed(0)
+    config = preset_config(member, "tiny", hidden_size=256, num_hidden_layers=4, vocab_size=512,
+                           intermediate_size=0 if member == "mamba" else 640, sliding_window=512,
+                           memory_slots=64 if member == "bmojo" else 0, backend="torch")
+    model = BMojoForCausalLM(config).eval()
+    return hf_baseline(model) if hf else model
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_point(member: str, hf: bool, T: int) -> float:
+    """Run in a subprocess: peak MiB of one forward at length T above the post-build RSS."""
+    model = build(member, hf)
+    with torch.no_grad():
+        model(torch.randint(0, 512, (1, 16)), use_cache=False)
+    base = _rss()
+    with torch.no_grad():
+        model(torch.randint(0, 512, (1, T)), use_cache=False)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return max(peak - base, 0) / 2**20
+
+
+def prefill_rate(model, T: int, repeat: int) -> float:
+    from bmojo.bench import time_call
+
+    ids = torch.randint(0, 512, (1, T))
+    with torch.no_grad():
+        return T / time_call(lambda: model(ids, use_cache=False), warmup=1, repeat=repeat)
+
+
+def decode_rate(model, prompt: int, steps: int) -> float:
+    is_hf_mamba = type(model).__name__ == "MambaForCausalLM"
+    ids = torch.randint(0, 512, (1, prompt))
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        cache = out.cache_params if is_hf_mamba else out.past_key_values
+        kw = {"cache_params": cache} if is_hf_mamba else {"past_key_values": cache}
+        nxt = out.logits[:, -1:].argmax(-1)
+        out = model(nxt, use_cache=True, **kw)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = model(out.logits[:, -1:].argmax(-1), use_cache=True, **kw)
+        return steps / (time.perf_counter() - t0)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--memory-point", nargs=3, metavar=("MEMBER", "HF", "T"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_point:
+        member, hf, T = args.memory_point
+        print(json.dumps(memory_point(member, hf == "1", int(T))))
+        return 0
+
+    from bmojo.bench import format_table, machine_description
+
+    prefill_T = [512, 1024] if args.quick else [2048, 8192]
+    prompts = [64, 1024] if args.quick else [256, 16384]
+    mem_T = [1024, 2048, 4096] if args.quick else [2048, 4096, 8192, 16384, 32768]
+    steps, repeat = (8, 1) if args.quick else (32, 3)
+    runs = [(m, False) for m in MEMBERS] + [("mamba", True), ("transformer", True)]
+
+    def name(member, hf):
+        return {"mamba": "hf MambaForCausalLM", "transformer": "hf LlamaForCausalLM"}[member] if hf else member
+
+    rows, results = [], {}
+    for member, hf in runs:
+        model = build(member, hf)
+        r = {"model": name(member, hf)}
+        for T in prefill_T:
+            r[f"prefill tok/s T={T}"] = prefill_rate(model, T, repeat)
+        for P in prompts:
+            r[f"decode tok/s after {P}"] = decode_rate(model, P, steps)
+        for T in mem_T:
+            out = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--memory-point", member,
+                                  "1" if hf else "0", str(T)], capture_output=True, text=True, check=True)
+            r[f"peak MiB T={T}"] = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(r)
+        results[(member, hf)] = r
+        print(f"{r['model']}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items() if k != "model"), flush=True)
+
+    P0, P1 = prompts
+    T0 = prefill_T[0]
+    bm, sw, ma, tr = results[("bmojo", False)], results[("swa", False)], results[("mamba", False)], results[("transformer", False)]
+    hm, hl = results[("mamba", True)], results[("transformer", True)]
+    targets = [
+        ("mamba prefill vs HF MambaForCausalLM", f"T={T0}", ma[f"prefill tok/s T={T0}"] / hm[f"prefill tok/s T={T0}"], ">= 5"),
+        ("transformer prefill vs HF LlamaForCausalLM", f"T={T0}", tr[f"prefill tok/s T={T0}"] / hl[f"prefill tok/s T={T0}"], ">= 1.0"),
+        ("bmojo prefill vs swa", f"T={T0}", bm[f"prefill tok/s T={T0}"] / sw[f"prefill tok/s T={T0}"], ">= 0.7"),
+        ("bmojo decode time after long vs short prompt", f"{P1} vs {P0}", bm[f"decode tok/s after {P0}"] / bm[f"decode tok/s after {P1}"], "<= 1.2"),
+        ("bmojo peak memory, longest vs half", f"T={mem_T[-1]} vs {mem_T[-2]}", bm[f"peak MiB T={mem_T[-1]}"] / max(bm[f"peak MiB T={mem_T[-2]}"], 1e-9), "<= 2.2"),
+    ]
+
+    def met(value, rule):
+        op, bound = rule.split()
+        return value >= float(bound) if op == ">=" else value <= float(bound)
+
+    target_rows = [{"target": t, "at": at, "ratio": v, "goal": g, "met": "yes" if met(v, g) else "NO"} for t, at, v, g in targets]
+    machine = machine_description()
+    text = (f"# CPU benchmark: torch backend vs transformers\n\n"
+            f"Machine: {machine}; torch threads: {args.threads}. d_model 256, 4 layers, vocab 512, window 512, "
+            f"64 eidetic slots, batch 1, fp32. Prefill: median of {repeat} runs; decode: {steps} steps after the "
+            f"prompt; peak memory: one forward in a fresh subprocess, peak RSS above the post-build RSS."
+            f"{' (--quick run)' if args.quick else ''}\n\n"
+            f"## Targets (ratios measured in this run)\n\n{format_table(target_rows)}\n\n"
+            f"## All figures\n\n{format_table(rows)}\n")
+    os.makedirs(RESULTS, exist_ok=True)
+    suffix = "-quick" if args.quick else ""
+    with open(os.path.join(RESULTS, f"cpu{suffix}.md"), "w") as fh:
+        fh.write(text)
+    plot(rows, prefill_T, prompts, mem_T, os.path.join(RESULTS, f"cpu{suffix}.png"), machine)
+    print("\n" + text)
+    return 0
+
+
+def plot(rows, prefill_T, prompts, mem_T, path, machine):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    names = [r["model"] for r in rows]
+    x = range(len(names))
+    width = 0.4
+    for i, T in enumerate(prefill_T):
+        axes[0].bar([j + (i - 0.5) * width for j in x], [r[f"prefill tok/s T={T}"] for r in rows], width, label=f"T={T}")
+    for i, P in enumerate(prompts):
+        axes[1].bar([j + (i - 0.5) * width for j in x], [r[f"decode tok/s after {P}"] for r in rows], width, label=f"after {P}")
+    for ax, title in ((axes[0], "prefill tokens/s"), (axes[1], "decode tokens/s")):
+        ax.set_xticks(list(x), names, rotation=35, ha="right", fontsize=8)
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    for r in rows:
+        axes[2].plot(mem_T, [max(r[f"peak MiB T={T}"], 1e-2) for T in mem_T], marker="o",
+                     linestyle="--" if r["model"].startswith("hf") else "-", label=r["model"])
+    axes[2].set_xscale("log", base=2)
+    axes[2].set_yscale("log")
+    axes[2].set_xlabel("T")
+    axes[2].set_title("peak memory of a forward (MiB)")
+    axes[2].legend(fontsize=7)
+    fig.suptitle(machine, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
