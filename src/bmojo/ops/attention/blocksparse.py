@@ -80,7 +80,7 @@ def _full_causal(q, k, v, scale, return_lse, block: int = 128):
     qt, kt, vt = (t.float().transpose(1, 2) for t in (q, k, v))  # (b, H, T, D)
     if not return_lse:
         o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=R > 1)
-        return o.transpose(1, 2).to(q.dtype)
+        return o.transpose(1, 2).to(q.dtype).contiguous()
     # lse wanted: exact scores, one query block at a time (memory O(block * T) per step)
     qg = qt.reshape(b, Hkv, R, T, D)
     outs, lses = [], []
@@ -92,7 +92,7 @@ def _full_causal(q, k, v, scale, return_lse, block: int = 128):
         lse = torch.logsumexp(sc, dim=-1)
         outs.append(torch.matmul(torch.exp(sc - lse[..., None]), vt[:, :, None, :e]))
         lses.append(lse)
-    o = torch.cat(outs, 3).reshape(b, Hq, T, D).transpose(1, 2).to(q.dtype)
+    o = torch.cat(outs, 3).reshape(b, Hq, T, D).transpose(1, 2).to(q.dtype).contiguous()
     return o, torch.cat(lses, 3).reshape(b, Hq, T).transpose(1, 2).contiguous()
 
 
@@ -180,7 +180,8 @@ def bmojo_attention_blocksparse(
     else:
         p = torch.softmax(scores, dim=-1)
     o = torch.matmul(p.view(b, Hkv, n_blk, R * Bq, S), V)  # (b, Hkv, n_blk, R*Bq, D)
-    o = o.view(b, Hkv, n_blk, R, Bq, D).permute(0, 2, 4, 1, 3, 5).reshape(b, Tp, Hq, D)[:, :T].to(q.dtype)
+    # contiguous like the reference, so callers may .view() it
+    o = o.view(b, Hkv, n_blk, R, Bq, D).permute(0, 2, 4, 1, 3, 5).reshape(b, Tp, Hq, D)[:, :T].to(q.dtype).contiguous()
     if not return_lse:
         return o
     lse = lse.permute(0, 2, 4, 1, 3).reshape(b, Tp, Hq)[:, :T].contiguous()
