@@ -81,13 +81,11 @@ def selective_scan_backward_impl(call, dy, dh, x, dt, A, B, C, D=None, z=None, d
     dx, ddt = outs.pop(0), outs.pop(0)
     dz = outs.pop(0) if z is not None else None
     dA, dD, dbias, dh0, dB, dC = outs
-    G = a["B"].shape[1]
 
     def group_grad(g, like):  # (b, tiles, G, N, T) partial sums -> like's layout
         g = g.sum(1).permute(0, 3, 1, 2)  # (b, T, G, N)
         return (g[:, :, 0] if like.dim() == 3 else g).to(like.dtype)
 
-    del G
     return (dx.transpose(1, 2), ddt.transpose(1, 2), dA.sum(0).to(A.dtype), group_grad(dB, B), group_grad(dC, C),
             dD.sum(0).reshape(d).to(D.dtype) if D is not None else None,
             dz.transpose(1, 2) if z is not None else None,
