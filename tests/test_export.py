@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bmojo import BMojoForCausalLM
-from conftest import tiny_config
+from bmojo_testing import tiny_config
 
 
 class LogitsOnly(torch.nn.Module):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from bmojo import BMojoForCausalLM
-from conftest import tiny_config
+from bmojo_testing import tiny_config
 
 PAD = 63
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from bmojo import BMojoForCausalLM, BMojoModel
 from bmojo.checkpoint import CheckpointError
-from conftest import tiny_config
+from bmojo_testing import tiny_config
 
 
 @pytest.fixture()

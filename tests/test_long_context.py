@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bmojo import BMojoCache, BMojoForCausalLM, ops
-from conftest import tiny_config
+from bmojo_testing import tiny_config
 
 T = 65536
 

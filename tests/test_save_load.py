@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import bmojo
 from bmojo import BMojoForCausalLM, BMojoModel
-from conftest import tiny_config
+from bmojo_testing import tiny_config
 
 
 def test_round_trip_and_auto_classes(tmp_path):

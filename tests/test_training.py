@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from bmojo import BMojoForCausalLM, ops
-from conftest import tiny_config
+from bmojo_testing import tiny_config
 
 
 @pytest.mark.parametrize("layer_type", ["attention", "sliding_attention", "mamba", "bmojo_f", "bmojo"])

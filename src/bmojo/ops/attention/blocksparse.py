@@ -59,9 +59,10 @@ def _band(kv: tuple[torch.Tensor, torch.Tensor], span: int, shift: int, n_blk: i
     out = []
     for x in kv:
         xp = F.pad(x[:, :, :keep], (0, 0, front, total - front - keep))  # (b, H, total, D)
-        xb = xp.view(x.shape[0], x.shape[1], nb + n_blk, Bq, x.shape[3]).unfold(2, nb + 1, 1)
-        # (b, H, n_blk, Bq, D, nb+1) -> (b, H, n_blk, (nb+1)*Bq, D): block i sees padded blocks i..i+nb
-        out.append(xb.permute(0, 1, 2, 5, 3, 4).reshape(x.shape[0], x.shape[1], n_blk, (nb + 1) * Bq, x.shape[3]))
+        xb = xp.view(x.shape[0], x.shape[1], nb + n_blk, Bq, x.shape[3])
+        # block i sees padded blocks i..i+nb; static slices (not Tensor.unfold, which XLA runs on the host)
+        xb = torch.stack([xb[:, :, o : o + n_blk] for o in range(nb + 1)], dim=3)  # (b, H, n_blk, nb+1, Bq, D)
+        out.append(xb.reshape(x.shape[0], x.shape[1], n_blk, (nb + 1) * Bq, x.shape[3]))
     S = (nb + 1) * Bq
     j = torch.arange(S, device=device)
     r = torch.arange(Bq, device=device)

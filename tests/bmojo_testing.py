@@ -1,0 +1,14 @@
+"""Shared test helpers (a uniquely named module: tests/cuda/conftest.py would shadow `conftest`)."""
+
+
+def tiny_config(layer_types, **kw):
+    """A small config with every memory active at short lengths (w=8, m_f=5, m_e=3)."""
+    from bmojo import BMojoConfig
+
+    defaults = dict(
+        vocab_size=64, hidden_size=32, num_hidden_layers=len(layer_types), layer_types=list(layer_types),
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=8, fading_window=5,
+        memory_slots=3 if "bmojo" in layer_types else 0, intermediate_size=48, d_state=4, backend="torch",
+    )
+    defaults.update(kw)
+    return BMojoConfig(**defaults)
