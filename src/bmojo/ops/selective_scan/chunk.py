@@ -76,11 +76,12 @@ class _ChunkedScan(torch.autograd.Function):
     """Core scan without D, z or the dt transform. All inputs fp32.
 
     x, dt (b, T, G, P); A (G, P, N); B, C (b, T, G, N); h0 (b, G, P, N).
-    Returns y (b, T, G, P) and the final state (b, G, P, N).
+    Returns y (b, T, G, P), the final state (b, G, P, N) and, for the backward only, each chunk's
+    initial state (non-differentiable). forward/setup_context are separate so torch.func can use it.
     """
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, h0, chunk_size: int):
+    def forward(x, dt, A, B, C, h0, chunk_size: int):
         b, T, G, P = x.shape
         N = A.shape[-1]
         L = min(chunk_size, T)
@@ -103,13 +104,19 @@ class _ChunkedScan(torch.autograd.Function):
             # y_t = <h_t, C_t>; einsum picks a vector-matrix layout, ~4x faster than matmul's mat-vec here
             y[:, s:e] = torch.einsum("blgpn,blgn->blgp", u, C[:, s:e])
             h = u[:, -1].clone()
+        return y, h, starts
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, dt, A, B, C, _h0, chunk_size = inputs
+        starts = output[2]
+        ctx.mark_non_differentiable(starts)
         ctx.save_for_backward(x, dt, A, B, C, starts)
-        ctx.chunk = L
-        return y, h
+        ctx.chunk = min(chunk_size, x.shape[1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, gy, gh_final):
+    def backward(ctx, gy, gh_final, _g_starts):
         x, dt, A, B, C, starts = ctx.saved_tensors
         L = ctx.chunk
         b, T, G, P = x.shape
@@ -196,7 +203,7 @@ def selective_scan_chunked(
     if T == 0:
         y = xf.new_zeros(b, 0, d).to(dtype_in)
         return (y, h0.clone()) if return_final_state else y
-    y, h = _ChunkedScan.apply(
+    y, h, _ = _ChunkedScan.apply(
         xf.reshape(b, T, G, P), dtf.reshape(b, T, G, P), A.float().reshape(G, P, N), Bg, Cg,
         h0.reshape(b, G, P, N), int(chunk_size),
     )
