@@ -106,6 +106,7 @@ def main() -> int:
     def name(member, hf):
         return {"mamba": "hf MambaForCausalLM", "transformer": "hf LlamaForCausalLM"}[member] if hf else member
 
+    load_start = os.getloadavg()
     rows, results = [], {}
     for member, hf in runs:
         model = build(member, hf)
@@ -140,8 +141,9 @@ def main() -> int:
 
     target_rows = [{"target": t, "at": at, "ratio": v, "goal": g, "met": "yes" if met(v, g) else "NO"} for t, at, v, g in targets]
     machine = machine_description()
+    load = f"load average {load_start[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end"
     text = (f"# CPU benchmark: torch backend vs transformers\n\n"
-            f"Machine: {machine}; torch threads: {args.threads}. d_model 256, 4 layers, vocab 512, window 512, "
+            f"Machine: {machine}; torch threads: {args.threads}; {load}. d_model 256, 4 layers, vocab 512, window 512, "
             f"64 eidetic slots, batch 1, fp32. Prefill: median of {repeat} runs; decode: {steps} steps after the "
             f"prompt; peak memory: one forward in a fresh subprocess, peak RSS above the post-build RSS."
             f"{' (--quick run)' if args.quick else ''}\n\n"
