@@ -7,7 +7,7 @@ mamba preset's weights and ``LlamaForCausalLM`` (sdpa) on the transformer preset
 Measures prefill tokens/s at T = 2048 and 8192, decode tokens/s after a 256- and a 16384-token prompt,
 and peak memory of a forward pass against T up to 32768 (each memory point in a fresh subprocess:
 peak resident set size above the size after building the model, so allocator reuse across points
-cannot hide growth). Writes benchmarks/results/cpu.md and cpu.png and prints the issue's target
+cannot hide growth; the kernel's peak-RSS mark is reset first). Writes benchmarks/results/cpu.md and cpu.png and prints the issue's target
 ratios, each measured in this same run.
 
     python benchmarks/cpu.py              # the full run (about 15-25 minutes on 2 cores)
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -48,16 +47,26 @@ def _rss() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _vm_hwm() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def memory_point(member: str, hf: bool, T: int) -> float:
     """Run in a subprocess: peak MiB of one forward at length T above the post-build RSS."""
     model = build(member, hf)
     with torch.no_grad():
         model(torch.randint(0, 512, (1, 16)), use_cache=False)
+    ids = torch.randint(0, 512, (1, T))
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # reset the peak-RSS mark (VmHWM), so earlier peaks (imports, build) do not count
     base = _rss()
     with torch.no_grad():
-        model(torch.randint(0, 512, (1, T)), use_cache=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return max(peak - base, 0) / 2**20
+        model(ids, use_cache=False)
+    return max(_vm_hwm() - base, 0) / 2**20
 
 
 def prefill_rate(model, T: int, repeat: int) -> float:
