@@ -17,19 +17,41 @@ def _rss_bytes() -> int | None:
         return None
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class PeakMemory:
     """Peak memory added while the ``with`` block runs, in bytes (``.peak``).
 
-    CUDA: ``torch.cuda.max_memory_allocated`` above the allocation at entry. CPU: the resident set
-    size sampled every millisecond by a thread, above its value at entry (Linux ``/proc``; elsewhere
-    ``.peak`` stays None and ``.method`` says so).
+    CUDA: ``torch.cuda.max_memory_allocated`` above the allocation at entry. CPU (Linux): the kernel's
+    peak resident set size (VmHWM, reset at entry) above the resident size at entry; where the mark
+    cannot be reset, the resident size sampled every millisecond. Elsewhere ``.peak`` stays None and
+    ``.method`` says so.
     """
 
     def __init__(self, device: torch.device | str = "cpu", interval: float = 0.001):
         self.device = torch.device(device)
         self.interval = interval
         self.peak: int | None = None
-        self.method = "cuda_max_allocated" if self.device.type == "cuda" else "rss_sampled"
+        self.method = "cuda_max_allocated" if self.device.type == "cuda" else "peak_rss"
 
     def __enter__(self):
         if self.device.type == "cuda":
@@ -38,30 +60,33 @@ class PeakMemory:
             self._base = torch.cuda.memory_allocated(self.device)
             return self
         self._base = _rss_bytes()
+        self._thread = None
         if self._base is None:
             self.method = "unavailable (no /proc/self/statm)"
-            return self
-        self._max = self._base
-        self._stop = threading.Event()
+        elif not _reset_peak_rss():
+            self.method = "rss_sampled"
+            self._max = self._base
+            self._stop = threading.Event()
 
-        def sample():
-            while not self._stop.is_set():
-                self._max = max(self._max, _rss_bytes() or 0)
-                time.sleep(self.interval)
+            def sample():
+                while not self._stop.is_set():
+                    self._max = max(self._max, _rss_bytes() or 0)
+                    time.sleep(self.interval)
 
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
         return self
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
-        elif self._base is not None:
+        elif self._thread is not None:
             self._stop.set()
             self._thread.join()
-            self._max = max(self._max, _rss_bytes() or 0)
-            self.peak = self._max - self._base
+            self.peak = max(self._max, _rss_bytes() or 0) - self._base
+        elif self._base is not None:
+            self.peak = max((_peak_rss_bytes() or 0) - self._base, 0)
         return False
 
 

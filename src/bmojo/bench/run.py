@@ -270,7 +270,7 @@ def write_outputs(rows: list[dict], settings: BenchSettings, as_json: bool = Fal
     os.makedirs(settings.output, exist_ok=True)
     header = (f"bmojo bench — {machine_description()}\n"
               f"batch {settings.batch}, dtype {settings.dtype}, {settings.decode_tokens} decode steps, "
-              f"median of {settings.repeat} prefill runs; peak memory = {'CUDA max allocated' if torch.cuda.is_available() else 'resident set size sampled every ms'} above the start")
+              f"median of {settings.repeat} prefill runs; peak memory = {'CUDA max allocated' if torch.cuda.is_available() else 'peak resident set size (VmHWM, reset first)'} above the start")
     table = format_table(rows, COLUMNS)
     with open(os.path.join(settings.output, "results.md"), "w") as fh:
         fh.write(f"# bmojo bench\n\n{header}\n\n{table}\n")
