@@ -109,12 +109,17 @@ def _decode_rate(model, ids, n_tokens: int) -> tuple[float, int]:
 
 
 def mqar_accuracy(model, ckpt_dir: str) -> float | None:
-    """Recall accuracy on the checkpoint's fixed MQAR evaluation set, or None for non-MQAR checkpoints."""
-    if not os.path.isfile(os.path.join(ckpt_dir, "mqar.json")):
+    """Recall accuracy on the checkpoint's fixed MQAR evaluation set (eval.json, as ``bmojo train``
+    writes it), or None for checkpoints that are not MQAR-trained."""
+    path = os.path.join(ckpt_dir, "eval.json")
+    if not os.path.isfile(path):
         return None
-    from ..data.mqar import evaluate_checkpoint_accuracy
+    from ..data.mqar import MQARConfig
+    from ..train import evaluate
 
-    return evaluate_checkpoint_accuracy(model, ckpt_dir)
+    with open(path) as fh:
+        data = MQARConfig.from_dict(json.load(fh)["eval_data"]).generate()
+    return evaluate(model, data.inputs, data.labels, batch_size=64)["accuracy"]
 
 
 def _mqar_length(ckpt_dir: str) -> int:
