@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bmojo import BMojoForCausalLM
-from bmojo.bench.run import COLUMNS, BenchSettings, run_bench, to_csv, write_outputs
+from bmojo.bench.run import COLUMNS, BenchSettings, run_bench
 from bmojo.cli import main
 from bmojo.presets import preset_config
 

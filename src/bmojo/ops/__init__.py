@@ -6,7 +6,6 @@ Naive references, the test oracle for every backend, live beside the fast code i
 """
 from __future__ import annotations
 
-import torch
 
 from .attention.naive import attention_decode_ref, bmojo_attention_ref, bmojo_visibility_masks
 from .causal_conv1d.naive import causal_conv1d_ref, causal_conv1d_update_ref
