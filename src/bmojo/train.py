@@ -276,6 +276,9 @@ def _fsync_tree(path: str) -> None:
 def _save_pretrained(raw_model, model_sd: dict, path: str) -> None:
     from transformers.utils import logging as hf_logging
 
+    if raw_model.config.tie_word_embeddings:  # a gathered (FSDP) state dict holds tied copies twice
+        tied = set(getattr(raw_model, "_tied_weights_keys", None) or {})
+        model_sd = {k: v for k, v in model_sd.items() if k not in tied}
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar for every checkpoint
     try:

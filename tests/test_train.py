@@ -1,0 +1,181 @@
+"""bmojo.train: data-parallel equivalence, crash-safe checkpoints, exact resume, the optimizer recipe."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bmojo.train import (
+    TrainConfig, build_model_config, global_batch_indices, latest_checkpoint, load_trainer_state, lr_lambda,
+    no_weight_decay, train,
+)
+
+MODEL = dict(hidden_size=32, num_hidden_layers=2, layer_types=["bmojo", "mamba"], intermediate_size=48,
+             num_attention_heads=2, num_key_value_heads=1, sliding_window=8, fading_window=4, memory_slots=2,
+             d_state=4)
+DATA = dict(vocab_size=64, seq_len=32, num_kv_pairs=4, num_examples=64, seed=1)
+
+
+def _cfg(out, **kw):
+    d = dict(output_dir=str(out), model="bmojo", model_overrides=MODEL, data=DATA, steps=4, batch_size=8,
+             lr=3e-3, warmup_steps=1, eval_examples=16, eval_batch_size=16, threads=1, progress=False,
+             log_every=1, distributed="none")
+    d.update(kw)
+    return TrainConfig(**d)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _losses(out):
+    with open(os.path.join(out, "log.jsonl")) as fh:
+        return [r["loss"] for r in map(json.loads, fh) if "loss" in r]
+
+
+@pytest.mark.parametrize("mode,accum", [("ddp", 1), ("fsdp", 2)])
+def test_two_process_step_matches_one_process(tmp_path, mode, accum):
+    """2 gloo ranks (torchrun) on the same global batch give the same losses and parameters as one process."""
+    one = train(_cfg(tmp_path / "one", steps=2))
+    cfg = _cfg(tmp_path / mode, steps=2, distributed=mode, grad_accum=accum)
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(cfg.to_dict()))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "bmojo.cli", "train", "--config", str(cfg_file)]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert load_trainer_state(latest_checkpoint(str(tmp_path / mode)))["world_size"] == 2
+    torch.testing.assert_close(_losses(tmp_path / mode), [h["loss"] for h in one["history"]], rtol=1e-5, atol=1e-6)
+    a = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / mode / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    # Adam's first steps move every weight by about lr whatever the gradient's size, so a gradient
+    # within float rounding of 0 (summed in another order over ranks) can move a lone weight by ~lr/100
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=5e-5, msg=k)
+        assert (b[k] - a[k]).abs().mean() < 1e-7, k
+
+
+CRASH = r"""
+import os, sys, bmojo.train as T
+real = T._write_trainer_state
+def crash(state, path):
+    if state["step"] == {crash_step}:
+        with open(os.path.join(path, T.TRAINER_STATE), "wb") as fh:
+            fh.write(b"half a checkpoint")
+            fh.flush()
+        os._exit(9)  # the process dies mid-save: no cleanup, no exception handlers
+    real(state, path)
+T._write_trainer_state = crash
+T.train(T.TrainConfig.load(sys.argv[1]))
+"""
+
+
+def test_kill_during_save_keeps_previous_checkpoint_and_resume_is_exact(tmp_path):
+    full = train(_cfg(tmp_path / "full", steps=6, save_every=2))
+    cfg = _cfg(tmp_path / "crash", steps=6, save_every=2)
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(cfg.to_dict()))
+    r = subprocess.run([sys.executable, "-c", CRASH.replace("{crash_step}", "4"), str(cfg_file)],
+                       env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 9, r.stderr[-3000:]
+    out = str(tmp_path / "crash")
+    assert os.path.basename(latest_checkpoint(out)) == "ckpt-0000002"  # the save of step 4 never landed
+    assert any(".tmp-" in n for n in os.listdir(out))  # its half-written directory is left behind
+    state = load_trainer_state(latest_checkpoint(out))
+    assert state["step"] == 2 and state["data_position"] == 16 and len(state["history"]) == 2
+
+    resumed = train(cfg)  # the same command again
+    assert resumed["resumed_from"].endswith("ckpt-0000002")
+    assert not any(".tmp-" in n for n in os.listdir(out))
+    assert [h["step"] for h in resumed["history"]] == [3, 4, 5, 6]
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"][2:]]  # bitwise
+    a = load_file(str(tmp_path / "full" / "final" / "model.safetensors"))
+    b = load_file(os.path.join(out, "final", "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_exception_while_writing_weights_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    import bmojo.train as T
+
+    real = T._write_model
+
+    def boom(raw, sd, path):
+        if latest_checkpoint(str(tmp_path)) is not None:
+            real(raw, sd, path)  # half the files land
+            raise OSError("disk full")
+        real(raw, sd, path)
+
+    monkeypatch.setattr(T, "_write_model", boom)
+    with pytest.raises(OSError, match="disk full"):
+        train(_cfg(tmp_path, steps=4, save_every=2))
+    assert os.path.basename(latest_checkpoint(str(tmp_path))) == "ckpt-0000002"
+    assert load_trainer_state(latest_checkpoint(str(tmp_path)))["step"] == 2
+
+
+def test_trainer_state_is_plain(tmp_path):
+    """trainer_state.pt loads with weights_only=True and holds optimizer state keyed by parameter name."""
+    train(_cfg(tmp_path, steps=2))
+    ckpt = latest_checkpoint(str(tmp_path))
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
+    assert {"step", "data_position", "optimizer", "scheduler", "rng", "history"} <= set(state)
+    assert "model.layers.0.mixer.mamba.A_log" in state["optimizer"]["state"]
+    assert {"config.json", "model.safetensors", "mqar.json", "train_config.json"} <= set(os.listdir(ckpt))
+
+
+def test_weight_decay_groups():
+    from bmojo import BMojoForCausalLM
+
+    torch.manual_seed(0)
+    model = BMojoForCausalLM(build_model_config(_cfg("unused"), 64))
+    names = {n for n, p in model.named_parameters() if no_weight_decay(n, p)}
+    for must in ("model.layers.0.mixer.mamba.A_log", "model.layers.0.mixer.mamba.D",
+                 "model.layers.0.mixer.mamba.dt_proj.bias", "model.layers.1.mixer.A_log", "model.embed_tokens.weight",
+                 "model.norm.weight", "model.layers.0.input_layernorm.weight", "model.layers.1.mixer.conv1d.bias"):
+        assert must in names, must
+    for decays in ("model.layers.0.mixer.q_proj.weight", "model.layers.1.mixer.in_proj.weight",
+                   "model.layers.0.mlp.up_proj.weight", "model.layers.1.mixer.dt_proj.weight"):
+        assert decays not in names, decays
+
+
+def test_schedule_and_data_order():
+    lrs = [lr_lambda(s, 10, 100, 0.1) for s in range(101)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[100] == pytest.approx(0.1)
+    # the stream visits every example once per epoch, and is a pure function of the step
+    ep = torch.cat([global_batch_indices(s, 6, 30, 5) for s in range(5)])
+    assert sorted(ep.tolist()) == list(range(30))
+    assert torch.equal(global_batch_indices(7, 6, 30, 5), global_batch_indices(7, 6, 30, 5))
+    assert global_batch_indices(4, 8, 30, 5).numel() == 8  # crosses an epoch boundary
+
+
+def test_cli_flags_override_config_file(tmp_path):
+    from bmojo.cli import build_parser
+    from bmojo.train import config_from_args
+
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"model": "mamba", "steps": 9, "data": {"num_kv_pairs": 2}}))
+    args = build_parser().parse_args(["train", "--config", str(f), "--steps", "3", "--seq-len", "64",
+                                      "--model-override", "hidden_size=48", "--dtype", "bfloat16"])
+    cfg = config_from_args(args)
+    assert (cfg.model, cfg.steps, cfg.dtype) == ("mamba", 3, "bfloat16")
+    assert cfg.data == {"num_kv_pairs": 2, "seq_len": 64} and cfg.model_overrides == {"hidden_size": 48}
+
+
+def test_bf16_autocast_and_grad_accum_run(tmp_path):
+    r = train(_cfg(tmp_path, steps=2, dtype="bfloat16", grad_accum=2))
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in r["history"])
+    assert 0.0 <= r["final_eval"]["accuracy"] <= 1.0 and r["final_eval"]["total"] == 16 * 4
