@@ -1,5 +1,5 @@
 """Synthetic data sets for training and evaluating the zoo."""
-from .mqar import IGNORE_INDEX, MQARConfig, MQARData, answer_mask, count_correct, multiquery_ar, power_law_probs
+from .mqar import IGNORE_INDEX, MQARConfig, MQARData, answer_mask, count_correct, multiquery_ar, power_law_probs, value_distances
 
 __all__ = ["MQARConfig", "MQARData", "multiquery_ar", "power_law_probs", "answer_mask", "count_correct",
-           "IGNORE_INDEX"]
+           "value_distances", "IGNORE_INDEX"]

@@ -173,6 +173,14 @@ def multiquery_ar(config: MQARConfig) -> MQARData:
     )
 
 
+def value_distances(data: MQARData) -> torch.Tensor:
+    """(n, K): how far back each query must look, ``query position - position of its value``
+    (key ``i`` sits at ``2i`` and its value at ``2i + 1``). A query with distance >= ``w`` asks for a
+    value outside a window of ``w`` tokens."""
+    K = data.keys.shape[1]
+    return data.query_positions - (2 * torch.arange(K) + 1)
+
+
 def answer_mask(labels: torch.Tensor) -> torch.Tensor:
     """(n, T) labels -> (n, T - 1) bool: positions of ``logits[:, :-1]`` that are scored."""
     return labels[:, 1:] != IGNORE_INDEX
@@ -188,4 +196,4 @@ def count_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]
 
 
 __all__ = ["MQARConfig", "MQARData", "multiquery_ar", "power_law_probs", "answer_mask", "count_correct",
-           "IGNORE_INDEX"]
+           "value_distances", "IGNORE_INDEX"]
