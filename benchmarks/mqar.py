@@ -9,6 +9,8 @@ key/value head, SwiGLU MLP 128 (none for mamba), vocabulary 64, sequences of T =
 MQAR (``bmojo.data.mqar``, Zoology's definition) with K key-value pairs, query gaps uniform
 (``power_a = 1``, so most queries ask for a pair far outside a 32-token window), filler token 0
 instead of random noise (``random_non_queries = False``: with 64 tokens, noise would repeat the keys).
+K = 1 is the pure memory probe (one pair: a model that can still see it answers by copying the only
+value); K = 4 adds the key-value binding (copying some value of the context scores only 1/4).
 
 Memory budget (the x-axis) is :func:`memory_floats`: the floats of recurrent state per layer that a
 decoder keeps for one sequence, averaged over layers:
@@ -31,8 +33,9 @@ transformer and swa use RoPE (attention alone has no other source of order); the
 have none, as in the paper.
 
 Protocol: the same data for everyone (training set seed 0, a fixed evaluation set, seed recorded),
-same steps, batch, schedule. Learning rate: best of {3e-3, 1e-2} per member on K = 4 at its smallest
-budget, reused for its other runs. Ablation: bmojo at B1's N and m_f with m_e in {4, 16, 64}.
+same steps, batch, schedule. Learning rate: best of {3e-3, 1e-2} per member on K = 1 at its smallest
+budget, reused for its other runs. K = 1 runs at both budgets, K = 4 at the smallest (``--full``
+adds K = 4 at B2). Ablation: bmojo at B1's N and m_f, K = 1, with m_e in {4, 16, 64}.
 Every finished run is cached in benchmarks/results/mqar_runs.json; rerunning continues where it
 stopped (interrupted runs resume from their last checkpoint in --workdir).
 """
@@ -68,8 +71,9 @@ KNOBS = {  # member -> budget -> overrides that fill it (see the module docstrin
 }
 ABLATION_SLOTS = (4, 16, 64)
 LRS = (3e-3, 1e-2)
-KV_COUNTS = (4, 16)
-EVAL_EXAMPLES = {4: 500, 16: 250}
+KV_COUNTS = (1, 4)
+SWEEP_KV = 1
+EVAL_EXAMPLES = {1: 500, 4: 500}
 
 
 def memory_floats(config, seq_len: int = T) -> float:
@@ -202,15 +206,15 @@ def run_all(specs: list[dict], cache: dict, workdir: str, workers: int) -> None:
 
 def best_lr(cache: dict, member: str, steps: int, batch: int) -> float | None:
     budget = "-" if member in ("transformer", "swa") else "B1"
-    rows = [cache["runs"].get(run_spec(member, budget, 4, lr, steps, batch)["name"]) for lr in LRS]
+    rows = [cache["runs"].get(run_spec(member, budget, SWEEP_KV, lr, steps, batch)["name"]) for lr in LRS]
     rows = [r for r in rows if r is not None]
     if not rows:
         return None
     return max(rows, key=lambda r: (r["accuracy"], -r["eval_loss"]))["lr"]
 
 
-def stage_specs(cache: dict, steps: int, batch: int) -> tuple[list, list]:
-    sweep = [run_spec(m, b, 4, lr, steps, batch) for m in MEMBERS for b in KNOBS[m] if b in ("-", "B1")
+def stage_specs(cache: dict, steps: int, batch: int, full: bool = False) -> tuple[list, list]:
+    sweep = [run_spec(m, b, SWEEP_KV, lr, steps, batch) for m in MEMBERS for b in KNOBS[m] if b in ("-", "B1")
              for lr in LRS]
     rest = []
     for m in MEMBERS:
@@ -219,6 +223,8 @@ def stage_specs(cache: dict, steps: int, batch: int) -> tuple[list, list]:
             continue
         for b in KNOBS[m]:
             for kv in KV_COUNTS:
+                if kv != SWEEP_KV and b == "B2" and not full:
+                    continue
                 s = run_spec(m, b, kv, lr, steps, batch)
                 if s["name"] not in {x["name"] for x in sweep}:
                     rest.append(s)
@@ -226,7 +232,7 @@ def stage_specs(cache: dict, steps: int, batch: int) -> tuple[list, list]:
             for slots in ABLATION_SLOTS:
                 knobs = dict(KNOBS["bmojo"]["B1"], memory_slots=slots)
                 if knobs != KNOBS["bmojo"]["B1"]:
-                    rest.append(run_spec(m, "B1", 4, lr, steps, batch, knobs=knobs, tag=f"-me{slots}"))
+                    rest.append(run_spec(m, "B1", SWEEP_KV, lr, steps, batch, knobs=knobs, tag=f"-me{slots}"))
     return sweep, rest
 
 
@@ -275,7 +281,7 @@ def write_report(cache: dict, steps: int, batch: int) -> str:
         f"MQAR T = {T}, vocabulary {VOCAB}, uniform query gaps, filler 0",
         f"- training: {steps} steps x {batch} sequences (each training example seen once), AdamW, warmup "
         f"{max(1, steps // 10)} + cosine to 0.1x, clip 1.0, fp32, 1 thread per run, 2 runs at a time",
-        f"- evaluation: fixed set (seed 1234; {EVAL_EXAMPLES[4]} sequences at K=4, {EVAL_EXAMPLES[16]} at K=16); "
+        f"- evaluation: fixed set (seed 1234; " + ", ".join(f"{n} sequences at K={k}" for k, n in EVAL_EXAMPLES.items()) + "); "
         "accuracy = argmax at the answer positions; *near* = the value lies within the last w tokens of the "
         "query, *far* = it lies beyond (the regime of the claim); chance = 1/32 (32 values), "
         "\"copy some value of the context\" = 1/K",
@@ -292,20 +298,20 @@ def write_report(cache: dict, steps: int, batch: int) -> str:
         lines.append(f"| {r['kv']} | {r['member']} | {r['budget']} | {r['memory']:.0f} | {_knob_text(r)} | "
                      f"{r['params']:,} | {r['lr']:g} | {_pct(r['accuracy'])} | {_pct(r['acc_near'])} | "
                      f"{_pct(r['acc_far'])} | {r['eval_loss']:.3f} | {r['wall_s']:.0f} |")
-    sweep = sorted([r for r in runs if not r["tag"] and r["kv"] == 4 and r["budget"] in ("-", "B1")],
+    sweep = sorted([r for r in runs if not r["tag"] and r["kv"] == SWEEP_KV and r["budget"] in ("-", "B1")],
                    key=lambda r: (order[r["member"]], r["lr"]))
-    lines += ["", "## Learning-rate sweep (K = 4, smallest budget)", "",
+    lines += ["", f"## Learning-rate sweep (K = {SWEEP_KV}, smallest budget)", "",
               "| model | lr | accuracy % | far % | eval loss | final train loss | wall s |", "|---|---|---|---|---|---|---|"]
     for r in sweep:
         lines.append(f"| {r['member']} | {r['lr']:g} | {_pct(r['accuracy'])} | {_pct(r['acc_far'])} | "
                      f"{r['eval_loss']:.3f} | {r['train_loss_last']:.3f} | {r['wall_s']:.0f} |")
-    abl = sorted([r for r in runs if r["member"] == "bmojo" and r["kv"] == 4 and r["budget"] == "B1"
+    abl = sorted([r for r in runs if r["member"] == "bmojo" and r["kv"] == SWEEP_KV and r["budget"] == "B1"
                   and r["lr"] == best.get("bmojo") and r["model_overrides"]["d_state"] == KNOBS["bmojo"]["B1"]["d_state"]],
                  key=lambda r: r["model_overrides"]["memory_slots"])
-    lines += ["", "## Eidetic ablation (bmojo, K = 4, N = 16, m_f = 16: accuracy vs memory slots m_e)", "",
+    lines += ["", f"## Eidetic ablation (bmojo, K = {SWEEP_KV}, N = 16, m_f = 16: accuracy vs memory slots m_e)", "",
               "| m_e | memory (floats/layer) | accuracy % | near % | far % | eval loss | wall s |",
               "|---|---|---|---|---|---|---|"]
-    bf = next((r for r in main if r["member"] == "bmojo-f" and r["kv"] == 4 and r["budget"] == "B1"), None)
+    bf = next((r for r in main if r["member"] == "bmojo-f" and r["kv"] == SWEEP_KV and r["budget"] == "B1"), None)
     for r in abl:
         lines.append(f"| {r['model_overrides']['memory_slots']} | {r['memory']:.0f} | {_pct(r['accuracy'])} | "
                      f"{_pct(r['acc_near'])} | {_pct(r['acc_far'])} | {r['eval_loss']:.3f} | {r['wall_s']:.0f} |")
@@ -348,7 +354,7 @@ def write_report(cache: dict, steps: int, batch: int) -> str:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("eidetic memory slots m_e")
     ax.set_ylabel("MQAR accuracy %")
-    ax.set_title("bmojo, K = 4")
+    ax.set_title(f"bmojo, K = {SWEEP_KV}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(RESULTS, "mqar_ablation.png"), dpi=110)
@@ -383,7 +389,7 @@ model = AutoModelForCausalLM.from_pretrained("checkpoints/mqar-{member}")
 - data (`mqar.json`): {data}
 - training: {steps} steps x {batch} sequences, AdamW (lr {lr:g}, betas 0.9/0.95, weight decay 0.1 except
   A_log, D, dt bias, norms, biases, embeddings), warmup {warmup} + cosine to 0.1x, grad-norm clip 1.0, fp32,
-  seed 0; learning rate best of {{3e-3, 1e-2}} for this member
+  seed 0; learning rate best of {{3e-3, 1e-2}} for this member (on K = 1)
 - wall time: {wall:.0f} s on {machine}
 
 ## Evaluation (`eval.json`)
@@ -394,7 +400,8 @@ Fixed evaluation set: `MQARConfig({eval_data})` (seed {eval_seed}).
 |---|---|---|---|
 | {acc} % | {near} % | {far} % | {loss:.3f} |
 
-Chance is 1/32 = 3.1 %; always answering "some value seen in the context" gives 1/K = {heur:.1f} %.
+Chance is 1/32 = 3.1 %. With K = {kv} pair(s), answering with "some value seen in the context" scores
+1/K = {heur:.0f} %: at K = 1 the whole task is keeping that one value reachable ~100-250 tokens later.
 This is a tiny model trained for a few minutes on a CPU: it shows where each memory type stands early in
 training, not what it reaches at convergence.
 
@@ -408,7 +415,7 @@ def ship(cache: dict, steps: int, batch: int) -> None:
     for m in MEMBERS:
         lr = best_lr(cache, m, steps, batch)
         budget = "-" if m in ("transformer", "swa") else "B2"
-        r = cache["runs"].get(run_spec(m, budget, 4, lr, steps, batch)["name"]) if lr is not None else None
+        r = cache["runs"].get(run_spec(m, budget, SWEEP_KV, lr, steps, batch)["name"]) if lr is not None else None
         if r is None or not os.path.isdir(r["final_dir"]):
             print(f"ship: no finished run for {m} (or its files are gone); skipped")
             continue
@@ -431,7 +438,7 @@ def ship(cache: dict, steps: int, batch: int) -> None:
             lr=r["lr"], warmup=max(1, steps // 10), wall=r["wall_s"], machine=cache.get("machine"),
             eval_data=", ".join(f"{k}={v!r}" for k, v in ev["eval_data"].items()), eval_seed=ev["eval_data"]["seed"],
             acc=_pct(ev["accuracy"]), near=_pct(r["acc_near"]), far=_pct(r["acc_far"]), loss=ev["loss"],
-            heur=100 / r["kv"])
+            heur=100 / r["kv"], kv=r["kv"])
         with open(os.path.join(tmp, "README.md"), "w") as fh:
             fh.write(card)
         shutil.rmtree(dest, ignore_errors=True)
@@ -449,6 +456,7 @@ def main(argv=None) -> int:
                    help="training directories (checkpoints; not part of the repository)")
     p.add_argument("--ship", action="store_true", help="export one model per member to checkpoints/mqar-<member>/")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--full", action="store_true", help="also K = 4 at the larger budget")
     p.add_argument("--results-dir", default=RESULTS, help="where mqar_runs.json, mqar.md and the plots go")
     args = p.parse_args(argv)
     RESULTS, CACHE = args.results_dir, os.path.join(args.results_dir, "mqar_runs.json")
@@ -464,9 +472,9 @@ def main(argv=None) -> int:
         cache["machine"] = machine_description().replace(" with 1 threads", "") + \
             f"; {args.workers} runs in parallel, 1 torch thread each (shared with other users' jobs)"
         save_cache(cache)
-        sweep, _ = stage_specs(cache, args.steps, args.batch)
+        sweep, _ = stage_specs(cache, args.steps, args.batch, args.full)
         run_all(sweep, cache, args.workdir, args.workers)
-        _, rest = stage_specs(cache, args.steps, args.batch)
+        _, rest = stage_specs(cache, args.steps, args.batch, args.full)
         run_all(rest, cache, args.workdir, args.workers)
         print(f"study wall time this invocation: {(time.perf_counter() - t0) / 60:.1f} min")
     print(write_report(cache, args.steps, args.batch))
