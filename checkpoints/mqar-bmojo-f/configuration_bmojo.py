@@ -1,0 +1,1 @@
+from bmojo.configuration_bmojo import BMojoConfig  # noqa: F401

@@ -1,0 +1,1 @@
+from bmojo.modeling_bmojo import BMojoForCausalLM, BMojoModel  # noqa: F401
