@@ -9,6 +9,7 @@ import torch
 from bmojo.data import IGNORE_INDEX, MQARConfig, count_correct, multiquery_ar, power_law_probs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MEMBERS = ("transformer", "swa", "mamba", "hybrid", "bmojo-f", "bmojo")
 
 
 def _cfg(**kw):
@@ -59,7 +60,7 @@ def test_layout_matches_zoology(noise):
 
 
 def test_deterministic_by_seed():
-    a, b, c = _cfg().generate(), _cfg().generate(), _cfg(seed=4).generate()
+    a, b, c = _cfg().generate(), multiquery_ar(_cfg()), _cfg(seed=4).generate()
     assert torch.equal(a.inputs, b.inputs) and torch.equal(a.labels, b.labels)
     assert not torch.equal(a.inputs, c.inputs)
     # fixed-seed fingerprint: the generator must not drift silently (shipped eval sets depend on it)
@@ -115,3 +116,25 @@ def test_count_correct_uses_the_causal_alignment():
 
 
 # -- shipped checkpoints ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("member", MEMBERS)
+def test_shipped_checkpoint_reaches_recorded_accuracy(member):
+    """checkpoints/mqar-<member> loads offline after `import bmojo` and scores at least its recorded
+    accuracy minus 1 point on its fixed evaluation set (eval.json records the set's MQARConfig)."""
+    from transformers import AutoModelForCausalLM
+
+    import bmojo  # noqa: F401  (registers the model type)
+    from bmojo.train import evaluate
+
+    path = os.path.join(ROOT, "checkpoints", f"mqar-{member}")
+    for name in ("config.json", "model.safetensors", "generation_config.json", "mqar.json", "eval.json", "README.md"):
+        assert os.path.exists(os.path.join(path, name)), f"{path} lacks {name}"
+    with open(os.path.join(path, "eval.json")) as fh:
+        record = json.load(fh)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    assert type(model).__name__ == "BMojoForCausalLM"
+    assert MQARConfig.load(path).seq_len == record["eval_data"]["seq_len"]
+    data = MQARConfig.from_dict(record["eval_data"]).generate()
+    got = evaluate(model, data.inputs, data.labels, batch_size=100)
+    assert got["total"] == record["total"]
+    assert got["accuracy"] >= record["accuracy"] - 0.01, (member, got, record["accuracy"])
