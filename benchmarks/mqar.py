@@ -79,21 +79,11 @@ EVAL_EXAMPLES = {1: 500, 4: 500}
 
 
 def memory_floats(config, seq_len: int = T) -> float:
-    """Recurrent memory per layer (mean over layers) in floats; the formula is in the module docstring."""
-    kv = 2 * config.num_key_value_heads * config.head_dim
-    total = 0
-    for lt in config.layer_types:
-        if lt == "attention":
-            total += seq_len * kv
-        elif lt == "sliding_attention":
-            total += config.sliding_window * kv
-        else:
-            total += config.d_inner * config.d_state
-            if lt in ("bmojo_f", "bmojo"):
-                total += (config.sliding_window + config.effective_fading_window) * kv
-            if lt == "bmojo":
-                total += config.memory_slots * kv
-    return total / len(config.layer_types)
+    """Recurrent memory per layer (mean over layers) in floats; the formula is in the module docstring
+    and in :func:`bmojo.presets.recall_memory_floats`, which ``bmojo bench`` plots against too."""
+    from bmojo.presets import recall_memory_floats
+
+    return recall_memory_floats(config, seq_len)
 
 
 # -- the runs -------------------------------------------------------------------------------------

@@ -2,11 +2,13 @@
 import csv
 import io
 import json
+import os
 
 import pytest
 import torch
 
 from bmojo import BMojoForCausalLM
+from bmojo.bench.measure import PeakMemory
 from bmojo.bench.run import COLUMNS, BenchSettings, run_bench
 from bmojo.cli import main
 from bmojo.presets import preset_config
@@ -34,7 +36,7 @@ def test_quick_bench_smallest_setting(ckpt_root, tmp_path, capsys):
                      ("transformer", "hf-LlamaForCausalLM"), ("bmojo", "bmojo")}
     assert len(rows) == 2 * len(impls)
     for r in rows:
-        for col in ("context", "prefill_tok_s", "decode_tok_s", "memory_budget"):
+        for col in ("context", "prefill_tok_s", "decode_tok_s", "memory_floats"):
             assert float(r[col]) > 0, (col, r)
         if r["impl"] == "bmojo":
             assert float(r["state_kib"]) > 0
@@ -52,3 +54,17 @@ def test_bench_rejects_unknown_model_and_backend(ckpt_root):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="'cuda' cannot run here"):
             run_bench(BenchSettings(checkpoints=str(ckpt_root), backends=["cuda"], contexts=[32]))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
+def test_peak_memory_counts_a_forward_run_after_a_larger_one():
+    # bench evaluates MQAR at batch 64 before timing: the allocator then served the next forward from
+    # its freed heap and the resident set did not grow (read as 0.06 MiB instead of ~18)
+    torch.manual_seed(0)
+    model = BMojoForCausalLM(preset_config("bmojo", "tiny", vocab_size=512)).eval()
+    with torch.no_grad():
+        model(torch.randint(0, 512, (64, 256)), use_cache=False)
+        with PeakMemory() as mem:
+            model(torch.randint(0, 512, (1, 1024)), use_cache=False)
+    logits = 1024 * 512 * 4
+    assert mem.peak >= logits, mem.peak / 2**20

@@ -100,3 +100,18 @@ def test_presets_cli_table(capsys):
     for name, _, _ in preset_names(PAPER_SIZES):
         assert f"| {name} |" in out
     assert "grows" in out and "(fixed)" in out
+
+
+def test_recall_memory_floats_is_the_studys_budget():
+    # benchmarks/mqar.py, budget B1 = 4096 floats/layer: d_inner 128, one kv head of 16, w = 32
+    from bmojo.presets import recall_memory_floats
+
+    base = dict(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                sliding_window=32,
+                rope_theta=None)
+    bmojo = BMojoConfig(**base, layer_types=["bmojo"] * 2, d_state=16, fading_window=16, memory_slots=16)
+    assert recall_memory_floats(bmojo, 256) == 128 * 16 + 2 * (32 + 16) * 16 + 2 * 16 * 16 == 4096
+    hybrid = BMojoConfig(**base, layer_types=["mamba", "sliding_attention"], d_state=56)
+    assert recall_memory_floats(hybrid, 256) == (128 * 56 + 2 * 32 * 16) / 2 == 4096
+    full = BMojoConfig(**base, layer_types=["attention"] * 2)
+    assert recall_memory_floats(full, 256) == 2 * 256 * 16 == 8192

@@ -156,6 +156,31 @@ def state_nbytes(config: BMojoConfig, dtype: torch.dtype = torch.bfloat16, token
     return total
 
 
+def recall_memory_floats(config: BMojoConfig, seq_len: int) -> float:
+    """The memory budget of the recall study (the x-axis of B'MOJO's Fig. 2): floats of recurrent state
+    per layer that a decoder keeps for one sequence after ``seq_len`` tokens, averaged over layers.
+
+    attention ``2 T Hkv Dh`` (KV cache); sliding_attention ``2 w Hkv Dh``; mamba ``d_inner N`` (SSM
+    state); bmojo_f adds ``2 (w + m_f) Hkv Dh`` to the SSM state; bmojo adds ``2 m_e Hkv Dh`` (eidetic
+    slots). Like the paper's "SSM state + KV cache + memory" count it leaves out the conv state, the
+    innovation taps, the candidate ring and slot positions/scores (:func:`state_nbytes` counts them).
+    """
+    kv = 2 * config.num_key_value_heads * config.head_dim
+    total = 0
+    for lt in config.layer_types:
+        if lt == "attention":
+            total += seq_len * kv
+        elif lt == "sliding_attention":
+            total += config.sliding_window * kv
+        else:
+            total += config.d_inner * config.d_state
+            if lt in ("bmojo_f", "bmojo"):
+                total += (config.sliding_window + config.effective_fading_window) * kv
+            if lt == "bmojo":
+                total += config.memory_slots * kv
+    return total / len(config.layer_types)
+
+
 # -- presets -------------------------------------------------------------------------------------
 def preset_depth(member: str, size: str) -> int:
     """Number of layers of ``member`` at ``size`` (see the module docstring for the rule)."""

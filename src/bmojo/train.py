@@ -375,7 +375,7 @@ def evaluate(model, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int,
     """MQAR accuracy at the answer positions. Rows are split over ranks (every rank runs the same number
     of forwards, as FSDP needs); counts are summed. Returns accuracy, correct, total, loss."""
     rank, world = (dd.rank, dd.world) if dd is not None else (0, 1)
-    device = dd.device if dd is not None else torch.device("cpu")
+    device = dd.device if dd is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     n = inputs.shape[0]

@@ -9,6 +9,32 @@ import time
 import torch
 
 
+_MMAP_THRESHOLD = 64 * 1024
+_malloc_pinned = False
+
+
+def _release_freed_heap() -> None:
+    """Make freed CPU memory leave the resident set, so a peak-RSS reading sees this block's allocations.
+
+    glibc raises its mmap threshold after large blocks are freed (up to 32 MiB), after which freed
+    tensors stay in the heap and are reused without growing the resident set: a forward run after an
+    evaluation of a larger batch then reads as ~0 MiB. Pinning the threshold (``mallopt``) keeps large
+    tensors in their own mappings, returned on free; ``malloc_trim`` releases what the heap holds now.
+    No-op where glibc is not the allocator.
+    """
+    global _malloc_pinned
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        if not _malloc_pinned:
+            libc.mallopt(-3, _MMAP_THRESHOLD)  # M_MMAP_THRESHOLD: fixed, which also stops its dynamic growth
+            _malloc_pinned = True
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _rss_bytes() -> int | None:
     try:
         with open("/proc/self/statm") as fh:
@@ -59,6 +85,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
             return self
+        _release_freed_heap()
         self._base = _rss_bytes()
         self._thread = None
         if self._base is None:

@@ -21,7 +21,7 @@ from .. import ops
 from .measure import PeakMemory, format_table, machine_description, time_call
 
 COLUMNS = ["model", "impl", "backend", "context", "prefill_tok_s", "decode_tok_s", "peak_mib", "state_kib",
-           "mqar_acc", "memory_budget"]
+           "mqar_acc", "memory_floats"]
 
 
 @dataclass
@@ -133,7 +133,7 @@ def _mqar_length(ckpt_dir: str) -> int:
 def run_bench(settings: BenchSettings) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
-    from ..presets import state_nbytes
+    from ..presets import recall_memory_floats
     from .baselines import hf_baseline
 
     if settings.threads:
@@ -160,8 +160,8 @@ def run_bench(settings: BenchSettings) -> list[dict]:
             twin = hf_baseline(model)
             if twin is not None:
                 impls.append((f"hf-{type(twin).__name__}", twin.to(device)))
-        # the paper's x-axis: recurrent state per sequence (SSM + window/KV + memory slots) at MQAR's length
-        budget = state_nbytes(model.config, torch.float32, tokens=_mqar_length(ckpts[name])) // 4
+        # the recall study's x-axis (benchmarks/mqar.py): floats of state per layer at MQAR's length
+        budget = recall_memory_floats(model.config, _mqar_length(ckpts[name]))
         for ctx in settings.contexts:
             ids = torch.randint(0, model.config.vocab_size, (settings.batch, ctx), device=device)
             for impl, m in impls:
@@ -175,7 +175,7 @@ def run_bench(settings: BenchSettings) -> list[dict]:
                                  context=ctx, prefill_tok_s=settings.batch * ctx / t, decode_tok_s=decode,
                                  peak_mib=None if mem.peak is None else mem.peak / 2**20,
                                  state_kib=None if state is None else state / 1024, mqar_acc=acc,
-                                 memory_budget=budget))
+                                 memory_floats=budget))
             bar.update(1)
         del model, impls
     bar.close()
@@ -254,14 +254,14 @@ def plot(rows: list[dict], out_dir: str) -> list[str]:
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
-    acc = {(r["model"]): (r["memory_budget"], r["mqar_acc"]) for r in rows if r["mqar_acc"] is not None and r["impl"] == "bmojo"}
+    acc = {(r["model"]): (r["memory_floats"], r["mqar_acc"]) for r in rows if r["mqar_acc"] is not None and r["impl"] == "bmojo"}
     if acc:
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         for name, (budget, a) in sorted(acc.items()):
             ax.scatter([budget], [100 * a], s=60)
             ax.annotate(name, (budget, 100 * a), textcoords="offset points", xytext=(5, 5), fontsize=8)
         ax.set_xscale("log")
-        ax.set_xlabel("recurrent memory budget per sequence (floats)")
+        ax.set_xlabel("recurrent memory per layer (floats: SSM state + KV cache + memory slots)")
         ax.set_ylabel("MQAR recall accuracy (%)")
         ax.grid(True, alpha=0.3)
         fig.tight_layout()
