@@ -110,11 +110,14 @@ def _check_scan(t, dtype, chunk_size=None):
         _close(a, e, dtype, f"d{n}")
 
 
-@pytest.mark.parametrize("T", [1, 7, 63, 64, 130])
+@pytest.mark.parametrize("T", [1, 7, 64, 128, 130, 257])
 @pytest.mark.parametrize("G", [None, 2])
 @pytest.mark.parametrize("extras", [False, True])
 def test_selective_scan_fp32(T, G, extras):
-    """Through the API (chunk 64): T < chunk, T == chunk, two chunk boundaries; grouped B/C."""
+    """Through the API (default chunk 128): T < chunk, T == chunk, a ragged last chunk of 2, two
+    boundaries and a last chunk of 1; grouped B/C."""
+    from bmojo.ops.selective_scan.chunk import DEFAULT_CHUNK
+    assert DEFAULT_CHUNK == 128, "update the lengths above to straddle the new chunk size"
     _check_scan(_scan_inputs(2, T, 8, 16, G, torch.float32, extras), torch.float32)
 
 
@@ -142,6 +145,17 @@ def test_selective_scan_no_grad_inputs_and_defaults():
     dt, A = torch.rand(1, 20, 4, generator=g) * 0.1, -torch.rand(4, 3, generator=g)
     y = ops.selective_scan(x, dt, A, B, C, dt_softplus=False, backend="torch")
     torch.testing.assert_close(y, ops.selective_scan_ref(x, dt, A, B, C, dt_softplus=False), rtol=1e-5, atol=1e-5)
+
+
+def test_selective_scan_inference_epilogue():
+    """Under no_grad the D skip and z gate run in place on the scan's output: same values as with autograd."""
+    t = {k: v.detach() for k, v in _scan_inputs(2, 150, 8, 4, 2, torch.float32, True).items()}
+    want = ops.selective_scan_ref(**t)
+    with torch.no_grad():
+        got, h = ops.selective_scan(**t, return_final_state=True, backend="torch")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h, ops.selective_scan_ref(**t, return_final_state=True)[1], rtol=1e-5, atol=1e-5)
+    assert h.is_contiguous() and h.shape == (2, 8, 4)
 
 
 @pytest.mark.parametrize("G", [None, 2])

@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-DEFAULT_CHUNK = 64  # at d=512, N=16 on a 2-core CPU, 32..128 are within ~15%; 64 keeps buffers ~2 MB
+DEFAULT_CHUNK = 128  # at d=512, N=16, one thread: 128 beats 64 by ~10% and 32 by ~25% (fewer Python-level steps)
+LOG2E = 1.4426950408889634
 
 
 def _sl(start: int, count: int, n: int, reverse: bool) -> slice:
@@ -37,33 +38,52 @@ def _sl(start: int, count: int, n: int, reverse: bool) -> slice:
     return slice(lo, n - start, 2)
 
 
+def _scan_plan(m: torch.Tensor, u: torch.Tensor, reverse: bool = False, plan: list | None = None) -> list:
+    """The in-place steps of :func:`scan_inplace_` on (m, u), as a list of ``(dst, mult, src)`` views:
+    ``dst += mult * src``, or ``dst *= mult`` when ``src`` is None. Building the views costs more
+    than running the small steps, so a chunked caller builds the plan once per buffer and replays it
+    on every chunk (:func:`_run_plan`).
+
+    Odd/even reduction: fold pairs (2i, 2i+1) into the odd element, solve the half-length problem on
+    the odd elements (strided views, recursion), then finish the even elements from their left
+    neighbours. 2-3 strided in-place steps per level, log2(L) levels, no allocation.
+    """
+    plan = [] if plan is None else plan
+    L = u.shape[1]
+    if L <= 1:
+        return plan
+    nm = L - 1
+    npair = L // 2
+    # u_{2i+1} += m_{2i} u_{2i}  (pairs)
+    plan.append((u[:, _sl(1, npair, L, reverse)], m[:, _sl(0, npair, nm, reverse)], u[:, _sl(0, npair, L, reverse)]))
+    # composite multiplier from h_{2i-1} to h_{2i+1}: m_{2i} m_{2i-1}, stored in m_{2i} (i >= 1)
+    nsub = npair - 1
+    if nsub > 0:
+        plan.append((m[:, _sl(2, nsub, nm, reverse)], m[:, _sl(1, nsub, nm, reverse)], None))
+    # half-length problem on the odd positions: multipliers m_2, m_4, ..., inputs u_1, u_3, ...
+    _scan_plan(m[:, _sl(2, nsub, nm, reverse)], u[:, _sl(1, npair, L, reverse)], reverse, plan)
+    # even positions 2i (i >= 1): h_{2i} = m_{2i-1} h_{2i-1} + u_{2i}
+    neven = (L - 1) // 2
+    if neven > 0:
+        plan.append((u[:, _sl(2, neven, L, reverse)], m[:, _sl(1, neven, nm, reverse)], u[:, _sl(1, neven, L, reverse)]))
+    return plan
+
+
+def _run_plan(plan: list) -> None:
+    for dst, mult, src in plan:
+        if src is None:
+            dst.mul_(mult)
+        else:
+            dst.addcmul_(mult, src)
+
+
 def scan_inplace_(m: torch.Tensor, u: torch.Tensor, reverse: bool = False) -> torch.Tensor:
     """Solve a first-order linear recurrence along dim 1, in place (u becomes the states; m is clobbered).
 
     u (b, L, ...); m (b, L-1, ...). Forward: ``h_0 = u_0``, ``h_{k+1} = m_k h_k + u_{k+1}``.
-    Reverse: ``h_{L-1} = u_{L-1}``, ``h_k = m_k h_{k+1} + u_k``. Returns u.
-
-    Odd/even reduction: fold pairs (2i, 2i+1) into the odd element, solve the half-length problem on
-    the odd elements (strided views, recursion), then finish the even elements from their left
-    neighbours. 2-3 strided in-place ops per level, log2(L) levels, no allocation.
+    Reverse: ``h_{L-1} = u_{L-1}``, ``h_k = m_k h_{k+1} + u_k``. Returns u. (See :func:`_scan_plan`.)
     """
-    L = u.shape[1]
-    if L <= 1:
-        return u
-    nm = L - 1
-    npair = L // 2
-    # u_{2i+1} += m_{2i} u_{2i}  (pairs)
-    u[:, _sl(1, npair, L, reverse)].addcmul_(m[:, _sl(0, npair, nm, reverse)], u[:, _sl(0, npair, L, reverse)])
-    # composite multiplier from h_{2i-1} to h_{2i+1}: m_{2i} m_{2i-1}, stored in m_{2i} (i >= 1)
-    nsub = npair - 1
-    if nsub > 0:
-        m[:, _sl(2, nsub, nm, reverse)].mul_(m[:, _sl(1, nsub, nm, reverse)])
-    # half-length problem on the odd positions: multipliers m_2, m_4, ..., inputs u_1, u_3, ...
-    scan_inplace_(m[:, _sl(2, nsub, nm, reverse)], u[:, _sl(1, npair, L, reverse)], reverse)
-    # even positions 2i (i >= 1): h_{2i} = m_{2i-1} h_{2i-1} + u_{2i}
-    neven = (L - 1) // 2
-    if neven > 0:
-        u[:, _sl(2, neven, L, reverse)].addcmul_(m[:, _sl(1, neven, nm, reverse)], u[:, _sl(1, neven, L, reverse)])
+    _run_plan(_scan_plan(m, u, reverse))
     return u
 
 
@@ -75,36 +95,42 @@ def _grouped(t: torch.Tensor) -> torch.Tensor:
 class _ChunkedScan(torch.autograd.Function):
     """Core scan without D, z or the dt transform. All inputs fp32.
 
-    x, dt (b, T, G, P); A (G, P, N); B, C (b, T, G, N); h0 (b, G, P, N).
-    Returns y (b, T, G, P), the final state (b, G, P, N) and, for the backward only, each chunk's
+    The state is held state-major, (N, P) per group: then the broadcasts ``dt A`` and ``dt x B`` and
+    the contraction with C run along the long contiguous channel axis P (about 1.3-1.9x faster than
+    the (P, N) layout at N = 16).
+
+    x, dt (b, T, G, P); A (G, N, P); B, C (b, T, G, N); h0 (b, G, N, P).
+    Returns y (b, T, G, P), the final state (b, G, N, P) and, for the backward only, each chunk's
     initial state (non-differentiable). forward/setup_context are separate so torch.func can use it.
     """
 
     @staticmethod
     def forward(x, dt, A, B, C, h0, chunk_size: int):
         b, T, G, P = x.shape
-        N = A.shape[-1]
+        N = A.shape[-2]
         L = min(chunk_size, T)
         n_chunks = -(-T // L)
         y = x.new_empty(b, T, G, P)
-        starts = x.new_empty(b, n_chunks, G, P, N)  # each chunk's initial state, for the backward
-        a_buf = x.new_empty(b, L, G, P, N)
-        u_buf = x.new_empty(b, L, G, P, N)
-        h = h0
+        starts = x.new_empty(b, n_chunks, G, N, P)  # each chunk's initial state, for the backward
+        starts[:, 0] = h0
+        a_buf = x.new_empty(b, L, G, N, P)
+        u_buf = x.new_empty(b, L, G, N, P)
+        A2 = A * LOG2E  # exp(dt A) = exp2(dt A log2(e)); exp2 is about twice as fast as exp on CPU
+        dtx = dt * x
+        full_plan = _scan_plan(a_buf[:, 1:], u_buf)  # the buffers are reused: build the views once
         for c in range(n_chunks):
             s, e = c * L, min((c + 1) * L, T)
             n = e - s
-            starts[:, c] = h
-            a, u = a_buf[:, :n], u_buf[:, :n]
-            dtc = dt[:, s:e, :, :, None]
-            torch.mul(dtc, A, out=a).exp_()
-            torch.mul((dt[:, s:e] * x[:, s:e])[..., None], B[:, s:e, :, None, :], out=u)
-            u[:, 0].addcmul_(a[:, 0], h)  # fold the carried state into the first input
-            scan_inplace_(a[:, 1:], u)
-            # y_t = <h_t, C_t>; einsum picks a vector-matrix layout, ~4x faster than matmul's mat-vec here
-            y[:, s:e] = torch.einsum("blgpn,blgn->blgp", u, C[:, s:e])
-            h = u[:, -1].clone()
-        return y, h, starts
+            a, u = (a_buf, u_buf) if n == L else (a_buf[:, :n], u_buf[:, :n])
+            torch.mul(dt[:, s:e, :, None, :], A2, out=a).exp2_()
+            torch.mul(dtx[:, s:e, :, None, :], B[:, s:e, :, :, None], out=u)
+            u[:, 0].addcmul_(a[:, 0], starts[:, c])  # fold the carried state into the first input
+            _run_plan(full_plan if n == L else _scan_plan(a[:, 1:], u))
+            # y_t = C_t h_t, one (1, N) x (N, P) product per token, written in place
+            torch.matmul(C[:, s:e, :, None, :], u, out=y[:, s:e, :, None, :])
+            if c + 1 < n_chunks:
+                starts[:, c + 1] = u[:, -1]
+        return y, u[:, -1].clone(), starts
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -120,47 +146,50 @@ class _ChunkedScan(torch.autograd.Function):
         x, dt, A, B, C, starts = ctx.saved_tensors
         L = ctx.chunk
         b, T, G, P = x.shape
-        N = A.shape[-1]
+        N = A.shape[-2]
         n_chunks = starts.shape[1]
         need_x, need_dt, need_A, need_B, need_C, need_h0 = ctx.needs_input_grad[:6]
         gy = gy.float() if gy is not None else x.new_zeros(b, T, G, P)
-        g_carry = gh_final.float() if gh_final is not None else x.new_zeros(b, G, P, N)
+        g_carry = gh_final.float() if gh_final is not None else x.new_zeros(b, G, N, P)
         gx = torch.empty_like(x)
         gdt = torch.empty_like(dt)
         gB = torch.empty_like(B)
         gC = torch.empty_like(C)
         gA = torch.zeros_like(A)
-        a_buf, am_buf, h_buf, g_buf, u_buf = (x.new_empty(b, L, G, P, N) for _ in range(5))
+        A2 = A * LOG2E
+        a_buf, am_buf, h_buf, g_buf, u_buf = (x.new_empty(b, L, G, N, P) for _ in range(5))
+        fwd_plan = _scan_plan(am_buf[:, 1:], h_buf)
+        rev_plan = _scan_plan(a_buf[:, 1:], g_buf, reverse=True)
         for c in reversed(range(n_chunks)):
             s, e = c * L, min((c + 1) * L, T)
             n = e - s
             h0 = starts[:, c]
             a, am, h, g, u = a_buf[:, :n], am_buf[:, :n], h_buf[:, :n], g_buf[:, :n], u_buf[:, :n]
             dtc, xc, Bc, Cc, gyc = dt[:, s:e], x[:, s:e], B[:, s:e], C[:, s:e], gy[:, s:e]
-            # recompute the chunk's states (the forward kept only h0)
-            torch.mul(dtc[..., None], A, out=a).exp_()
+            # recompute the chunk's states (the forward kept only h0), with the forward's exact ops
+            torch.mul(dtc[:, :, :, None, :], A2, out=a).exp2_()
             am.copy_(a)
             dtx = dtc * xc
-            torch.mul(dtx[..., None], Bc[:, :, :, None, :], out=u)
+            torch.mul(dtx[:, :, :, None, :], Bc[..., None], out=u)
             h.copy_(u)
             h[:, 0].addcmul_(a[:, 0], h0)
-            scan_inplace_(am[:, 1:], h)
-            # adjoint: g_h_t = gy_t C_t (+ the final-state gradient), then the reversed recurrence
-            torch.mul(gyc[..., None], Cc[:, :, :, None, :], out=g)
+            _run_plan(fwd_plan if n == L else _scan_plan(am[:, 1:], h))
+            # adjoint: g_h_t = C_t gy_t (+ the final-state gradient), then the reversed recurrence
+            torch.mul(gyc[:, :, :, None, :], Cc[..., None], out=g)
             g[:, -1].add_(g_carry)
-            scan_inplace_(a[:, 1:], g, reverse=True)  # g is now dL/du; a[:, 0] is untouched
+            _run_plan(rev_plan if n == L else _scan_plan(a[:, 1:], g, reverse=True))  # g is now dL/du
             if need_C:
-                gC[:, s:e] = torch.einsum("blgp,blgpn->blgn", gyc, h)
-            g_carry = g[:, 0] * a[:, 0]  # dL/dh0
+                gC[:, s:e] = torch.einsum("blgp,blgnp->blgn", gyc, h)
+            g_carry = g[:, 0] * a[:, 0]  # dL/dh0 (a[:, 0] is untouched by the scans)
             # dL/d(dt A)_t = g_t * a_t * h_{t-1} = g_t * (h_t - u_t)
             glog = h.sub_(u).mul_(g)
             if need_A:
-                gA.add_((glog * dtc[..., None]).sum((0, 1)))
-            gdtx = torch.einsum("blgpn,blgn->blgp", g, Bc)  # dL/d(dt x), (b, n, G, P)
+                gA.add_((glog * dtc[:, :, :, None, :]).sum((0, 1)))
+            gdtx = torch.matmul(Bc[:, :, :, None, :], g).squeeze(-2)  # dL/d(dt x), (b, n, G, P)
             if need_B:
-                gB[:, s:e] = torch.einsum("blgp,blgpn->blgn", dtx, g)
+                gB[:, s:e] = torch.einsum("blgp,blgnp->blgn", dtx, g)
             if need_dt:
-                torch.addcmul((glog * A).sum(-1), gdtx, xc, out=gdt[:, s:e])
+                torch.addcmul((glog * A).sum(-2), gdtx, xc, out=gdt[:, s:e])
             if need_x:
                 torch.mul(gdtx, dtc, out=gx[:, s:e])
         return (gx if need_x else None, gdt if need_dt else None, gA if need_A else None,
@@ -203,17 +232,20 @@ def selective_scan_chunked(
     if T == 0:
         y = xf.new_zeros(b, 0, d).to(dtype_in)
         return (y, h0.clone()) if return_final_state else y
+    # state-major (N, P) layout inside the scan (see _ChunkedScan); only (d, N)-sized transposes here
     y, h, _ = _ChunkedScan.apply(
-        xf.reshape(b, T, G, P), dtf.reshape(b, T, G, P), A.float().reshape(G, P, N), Bg, Cg,
-        h0.reshape(b, G, P, N), int(chunk_size),
+        xf.reshape(b, T, G, P), dtf.reshape(b, T, G, P), A.float().reshape(G, P, N).transpose(1, 2).contiguous(),
+        Bg, Cg, h0.reshape(b, G, P, N).transpose(2, 3).contiguous(), int(chunk_size),
     )
     y = y.view(b, T, d)
+    # the D skip and the z gate; in place when nothing is recorded for autograd (inference)
+    inplace = not torch.is_grad_enabled()
     if D is not None:
-        y = y + xf * D.float()
+        y = y.addcmul_(xf, D.float()) if inplace else torch.addcmul(y, xf, D.float())
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y.mul_(F.silu(z.float())) if inplace else y * F.silu(z.float())
     y = y.to(dtype_in)
-    return (y, h.view(b, d, N)) if return_final_state else y
+    return (y, h.transpose(2, 3).reshape(b, d, N)) if return_final_state else y
 
 
 def selective_state_update_step(
