@@ -1,17 +1,31 @@
 """Block-sparse B'MOJO attention for the torch backend: O(T (w + m_f + m_e)) time and memory.
 
 Queries are cut into blocks of ``Bq`` positions (a divisor of the window when one is handy, so a block
-lies in one memory chunk). Each block gathers only what its queries can see:
+lies in one memory chunk). Each block attends to what its queries can see:
 
-* in-context keys: the ``ceil((w-1)/Bq)`` key blocks before it and its own block (``unfold`` on the
-  block axis, then one copy);
+* in-context keys: the ``nb = ceil((w-1)/Bq)`` key blocks before it and its own block;
 * fading keys: the same band on ``k_fading`` shifted right by ``w`` (query t sees ``kf[s]`` for
   ``t-w-m_f < s <= t-w``, i.e. the band ``(t-m_f, t]`` of the shifted sequence);
 * memory keys: the ``m_e`` slots of every chunk the block touches (one chunk when ``Bq | w``).
 
-A small boolean mask (blocks, Bq, keys) carves out the exact visibility, and one fp32 softmax runs over
-the union, exactly like the reference. Grouped-query heads share their kv head's gathered keys: the
-``Hq / Hkv`` query heads of a group are stacked as extra query rows, so keys are never repeated.
+Keys are never gathered per block. Every (batch row, kv head) pair is a *segment*: its keys are laid
+out block by block, segments back to back, in one (rows, D) fp32 buffer with ``P`` zero blocks in front
+(fading keys likewise, shifted right by ``w`` inside each segment). The band of query block ``g`` is then
+the contiguous row range ``[(g - nb) Bq, (g + 1) Bq)`` of that buffer, so ``unfold(0, (nb+1) Bq, Bq)``
+is an overlapping *view* holding every block's band, and one ``bmm`` computes the band's scores of
+all blocks with no copy (a band reaching before its segment's start reads the previous segment's keys,
+which the visibility mask removes). Grouped-query heads share their kv head's keys: the ``Hq / Hkv``
+query heads of a group are stacked as extra query rows.
+
+Scores (window | fading | memory) go to one fp32 tensor per group of query blocks (at most
+``SCORE_BUDGET`` bytes, so memory stays O(T) in inference), then: an additive ``-inf`` bias on the
+partially visible edge column blocks of each band (the same for every block), ``-inf`` fills on the
+few blocks at a segment's start whose band reaches before position 0 (or before the first fading key),
+the memory validity bias, one fp32 softmax over the union exactly like the reference, and
+``o = P_window V_window + P_fading V_fading + P_memory V_memory`` with ``bmm`` / ``baddbmm`` on views.
+Blocks at the start of a segment that see no fading key at all skip the fading band. Under autograd
+the same plain torch ops run out of place, so every gradient is autograd's.
+
 Full causal attention (``window=None``) goes to ``scaled_dot_product_attention(is_causal=True)``, or, when
 the log-sum-exp is wanted, to a loop over query blocks with exact scores.
 """
@@ -22,13 +36,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-DEFAULT_BLOCK = 64  # query block target: 32..128 measured within ~20% at w=128 on CPU
+DEFAULT_BLOCK = 64  # query block target: 64 and 128 within a few % at w=512 on CPU; 64 wastes less of the band
+SCORE_BUDGET = 16 * 2**20  # bytes of fp32 scores per group of query blocks (inference working set)
+_FAST_DEVICES = ("cpu", "cuda")
 
 
 def _pick_block(window: int, target: int) -> int:
     """A query block size: the window itself when small, else a divisor of the window near ``target``
     (largest in [target/2, target], else smallest in (target, 2*target]), else ``target`` (blocks may
-    then straddle two memory chunks, which the gather handles)."""
+    then straddle two memory chunks, which the memory band handles)."""
     if window <= target:
         return window
     for cand in range(target, max(target // 2, 2) - 1, -1):
@@ -38,6 +54,220 @@ def _pick_block(window: int, target: int) -> int:
         if window % cand == 0:
             return cand
     return target
+
+
+def _edge_biases(span: int, nbx: int, Bq: int, device) -> list[tuple[int, int, torch.Tensor]]:
+    """The column blocks of a band that are only partly visible, with their additive bias (Bq, Bq).
+
+    A band has ``Bq`` query rows and ``(nbx+1) Bq`` key columns; column c of query block j is position
+    ``(j - nbx) Bq + c`` and row r is ``j Bq + r``, so whether key - query lies in ``(-span, 0]`` is the
+    same for every block. Returns (first column, last column + 1, bias with 0 / -inf) per partial block.
+    """
+    S = (nbx + 1) * Bq
+    rel = torch.arange(S)[None, :] - nbx * Bq - torch.arange(Bq)[:, None]
+    vis = (rel <= 0) & (rel > -span)
+    out = []
+    for kb in range(nbx + 1):
+        sub = vis[:, kb * Bq : (kb + 1) * Bq]
+        if not bool(sub.all()):
+            bias = torch.zeros(Bq, Bq).masked_fill_(~sub, float("-inf"))
+            out.append((kb * Bq, (kb + 1) * Bq, bias.to(device)))
+    return out
+
+
+def _segment_layout(x: torch.Tensor, shift: int, front_rows: int, Tp: int) -> torch.Tensor:
+    """x (b, T, H, D) -> (front_rows + b*H*Tp, D) fp32: ``front_rows`` zero rows, then one segment of
+    ``Tp`` rows per (batch row, head) with ``x[s]`` at row ``shift + s`` (rows past ``Tp`` dropped, the
+    rest zero). A copy of x, not of any band; differentiable (slice assignment)."""
+    b, T, H, D = x.shape
+    keep = min(T, Tp - shift)
+    buf = torch.empty(front_rows + b * H * Tp, D, dtype=torch.float32, device=x.device)
+    buf[:front_rows].zero_()
+    seg = buf[front_rows:].view(b, H, Tp, D)
+    if shift > 0:
+        seg[:, :, :shift].zero_()
+    if shift + keep < Tp:
+        seg[:, :, shift + keep :].zero_()
+    seg[:, :, shift : shift + keep] = x[:, :keep].transpose(1, 2)
+    return buf
+
+
+def _banded(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_valid, scale, return_lse, Bq,
+            budget):
+    """The kernel described in the module docstring (window is not None, T > 0)."""
+    b, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    R = Hq // Hkv
+    RB = R * Bq
+    device = q.device
+    NEG = float("-inf")
+    n_blk = -(-T // Bq)
+    Tp = n_blk * Bq
+    segs = b * Hkv
+    Ntot = segs * n_blk
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, k_fading, v_fading, k_memory, v_memory))
+
+    nb = min(-(-(w - 1) // Bq), n_blk - 1)  # key blocks of the window band before the query's own
+    Sw = (nb + 1) * Bq
+    fading = k_fading is not None and m_f > 0 and Tp > w  # some fading key lands in a segment
+    if fading:
+        nbf = min(-(-(m_f - 1) // Bq), n_blk - 1)
+        Sf = (nbf + 1) * Bq
+        jf = min(n_blk, -(-(w - Bq + 1) // Bq))  # leading blocks of a segment that see no fading key
+    else:
+        nbf, Sf, jf = 0, 0, n_blk
+    P = max(nb, nbf)  # zero blocks in front of the first segment
+
+    # queries (Ntot, R*Bq, D), pre-scaled: segment (batch row, kv head), block, query head of the group, row
+    qf = q.float()
+    if Tp != T:
+        qf = F.pad(qf, (0, 0, 0, 0, 0, Tp - T))
+    qb = qf.view(b, n_blk, Bq, Hkv, R, D).permute(0, 3, 1, 4, 2, 5)
+    if grad:
+        qb = (qb * scale).reshape(Ntot, RB, D)
+    else:
+        qb = torch.mul(qb, scale, out=torch.empty(b, Hkv, n_blk, R, Bq, D, device=device)).view(Ntot, RB, D)
+
+    Kw = _segment_layout(k, 0, P * Bq, Tp)
+    Vw = _segment_layout(v, 0, P * Bq, Tp)
+    w_edges = _edge_biases(w, nb, Bq, device)
+    if fading:
+        Kf = _segment_layout(k_fading, w, P * Bq, Tp)
+        Vf = _segment_layout(v_fading, w, P * Bq, Tp)
+        f_edges = _edge_biases(m_f, nbf, Bq, device)
+
+    def band(x, nbx, g0, g1):
+        """(G, D, S) overlapping view: column c of block g is row (P - nbx + g) Bq + c of x."""
+        S = (nbx + 1) * Bq
+        r0 = (P - nbx + g0) * Bq
+        return x[r0 : r0 + (g1 - g0 - 1) * Bq + S].unfold(0, S, Bq)
+
+    Sm = 0
+    if k_memory is not None:
+        n_chunks, m_e = k_memory.shape[1], k_memory.shape[2]
+        blk_start = torch.arange(n_blk) * Bq
+        n_span = max((s + Bq - 1) // w - s // w for s in range(0, Tp, Bq)) + 1  # chunks one block touches
+        cid = blk_start[:, None] // w + torch.arange(n_span)[None, :]  # (n_blk, n_span)
+        cid_c = cid.clamp(max=n_chunks - 1).to(device)
+        Sm = n_span * m_e
+        # (Ntot, Sm, D): the slots of the chunks each block touches (a gather of T * m_e / Bq rows)
+        Km = k_memory.float().permute(0, 3, 1, 2, 4)[:, :, cid_c].reshape(Ntot, Sm, D)
+        Vm = v_memory.float().permute(0, 3, 1, 2, 4)[:, :, cid_c].reshape(Ntot, Sm, D)
+        mem_bias = None
+        if memory_valid is not None or n_span > 1:
+            vis = (memory_valid.bool().to(device)[:, cid_c] if memory_valid is not None
+                   else torch.ones(b, n_blk, n_span, m_e, dtype=torch.bool, device=device))
+            vis = vis & (cid < n_chunks).to(device)[None, :, :, None]  # (b, n_blk, n_span, m_e)
+            if n_span > 1:  # a block straddles chunks: row r sees the slots of its own chunk only
+                t_chunk = (blk_start[:, None] + torch.arange(Bq)[None, :]) // w  # (n_blk, Bq)
+                same = (t_chunk[:, :, None] == cid[:, None, :]).to(device)  # (n_blk, Bq, n_span)
+                vis = (same[None, :, :, :, None] & vis[:, :, None]).reshape(b, n_blk, Bq, Sm)
+            else:
+                vis = vis.reshape(b, n_blk, 1, Sm)
+            mem_bias = torch.zeros(vis.shape, device=device).masked_fill_(~vis, NEG)
+            mem_bias = mem_bias[:, None].expand(b, Hkv, *vis.shape[1:]).reshape(Ntot, 1, vis.shape[2], Sm)
+
+    # groups of query blocks: a segment's leading fading-free blocks apart from the rest, each group
+    # under the score budget
+    pieces = []
+    for s in range(segs):
+        base = s * n_blk
+        for lo, hi, fl in ((0, jf, False), (jf, n_blk, True)):
+            if hi > lo:
+                if pieces and pieces[-1][2] == fl and pieces[-1][1] == base + lo:
+                    pieces[-1][1] = base + hi
+                else:
+                    pieces.append([base + lo, base + hi, fl])
+    groups = []
+    for g0, g1, fl in pieces:
+        S = Sw + (Sf if fl else 0) + Sm
+        gmax = max(1, budget // (RB * S * 4))
+        n = -(-(g1 - g0) // gmax)
+        size = -(-(g1 - g0) // n)
+        groups.extend((a, min(a + size, g1), fl, S) for a in range(g0, g1, size))
+    J = max(nb, nbf + -(-w // Bq) if fading else 0)  # blocks of a segment whose bands reach before a first key
+
+    if not grad:
+        sbuf = torch.empty(max((g1 - g0) * S for g0, g1, _, S in groups) * RB, device=device)
+        o_all = torch.empty(Ntot, RB, D, device=device)
+        lse_all = torch.empty(Ntot, RB, device=device) if return_lse else None
+    outs, lses = [], []
+    for g0, g1, has_f, S in groups:
+        G = g1 - g0
+        Qg = qb[g0:g1]
+        mo = Sw + (Sf if has_f else 0)
+        if grad:
+            parts = [torch.bmm(Qg, band(Kw, nb, g0, g1))]
+            if has_f:
+                parts.append(torch.bmm(Qg, band(Kf, nbf, g0, g1)))
+            if Sm:
+                parts.append(torch.bmm(Qg, Km[g0:g1].transpose(1, 2)))
+            sc = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
+        else:
+            sc = sbuf[: G * RB * S].view(G, RB, S)
+            torch.bmm(Qg, band(Kw, nb, g0, g1), out=sc[:, :, :Sw])
+            if has_f:
+                torch.bmm(Qg, band(Kf, nbf, g0, g1), out=sc[:, :, Sw:mo])
+            if Sm:
+                torch.bmm(Qg, Km[g0:g1].transpose(1, 2), out=sc[:, :, mo:])
+        # visibility: band edges (same for every block), segment starts, memory validity
+        for c0, c1, bias in w_edges:
+            sc[:, :, c0:c1].view(G, R, Bq, c1 - c0).add_(bias)
+        if has_f:
+            for c0, c1, bias in f_edges:
+                sc[:, :, Sw + c0 : Sw + c1].view(G, R, Bq, c1 - c0).add_(bias)
+        for s in range(g0 // n_blk, (g1 - 1) // n_blk + 1):
+            base = s * n_blk
+            for j in range(max(g0 - base, 0), min(g1 - base, J)):
+                i = base + j - g0
+                if j < nb:  # window keys before position 0
+                    sc[i, :, : (nb - j) * Bq].fill_(NEG)
+                if has_f:  # fading keys before position 0 (shifted position < w)
+                    L = min(Sf, w + (nbf - j) * Bq)
+                    if L > 0:
+                        sc[i, :, Sw : Sw + L].fill_(NEG)
+        if Sm and mem_bias is not None:
+            sc[:, :, mo:].view(G, R, Bq, Sm).add_(mem_bias[g0:g1])
+        # one softmax over the union, in fp32
+        if return_lse:
+            lse = torch.logsumexp(sc, dim=-1)  # (G, RB)
+            if grad:
+                p = torch.exp(sc - lse[..., None])
+                lses.append(lse)
+            else:
+                p = sc.sub_(lse[..., None]).exp_()
+                lse_all[g0:g1] = lse
+        else:
+            p = torch.softmax(sc, -1) if grad else torch.softmax(sc, -1, out=sc)
+        Vwb = band(Vw, nb, g0, g1).transpose(1, 2)
+        if grad:
+            og = torch.bmm(p[:, :, :Sw], Vwb)
+            if has_f:
+                og = torch.baddbmm(og, p[:, :, Sw:mo], band(Vf, nbf, g0, g1).transpose(1, 2))
+            if Sm:
+                og = torch.baddbmm(og, p[:, :, mo:], Vm[g0:g1])
+            outs.append(og)
+        else:
+            og = o_all[g0:g1]
+            torch.bmm(p[:, :, :Sw], Vwb, out=og)
+            if has_f:
+                og.baddbmm_(p[:, :, Sw:mo], band(Vf, nbf, g0, g1).transpose(1, 2))
+            if Sm:
+                og.baddbmm_(p[:, :, mo:], Vm[g0:g1])
+
+    if grad:
+        o_all = torch.cat(outs) if len(outs) > 1 else outs[0]
+        if return_lse:
+            lse_all = torch.cat(lses) if len(lses) > 1 else lses[0]
+    # contiguous like the reference, so callers may .view() it
+    o = o_all.view(b, Hkv, n_blk, R, Bq, D).permute(0, 2, 4, 1, 3, 5).reshape(b, Tp, Hq, D)[:, :T]
+    o = o.to(q.dtype).contiguous()
+    if not return_lse:
+        return o
+    lse = lse_all.view(b, Hkv, n_blk, R, Bq).permute(0, 2, 4, 1, 3).reshape(b, Tp, Hq)[:, :T].contiguous()
+    return o, lse
+
 
 
 def _band(kv: tuple[torch.Tensor, torch.Tensor], span: int, shift: int, n_blk: int, Bq: int):
@@ -73,65 +303,12 @@ def _band(kv: tuple[torch.Tensor, torch.Tensor], span: int, shift: int, n_blk: i
     return out[0], out[1], mask
 
 
-def _full_causal(q, k, v, scale, return_lse, block: int = 128):
-    """window=None: plain causal attention in fp32. q (b, T, Hq, D); k, v (b, T, Hkv, D)."""
+def _gathered(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_valid, scale, return_lse, Bq):
+    """The gathering kernel: every query block copies the key blocks it sees (``(nb+1)`` copies of k
+    and v). Kept for devices without cheap overlapping views (XLA / Neuron run ``unfold`` on the host)."""
     b, T, Hq, D = q.shape
     Hkv = k.shape[2]
     R = Hq // Hkv
-    qt, kt, vt = (t.float().transpose(1, 2) for t in (q, k, v))  # (b, H, T, D)
-    if not return_lse:
-        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=R > 1)
-        return o.transpose(1, 2).to(q.dtype).contiguous()
-    # lse wanted: exact scores, one query block at a time (memory O(block * T) per step)
-    qg = qt.reshape(b, Hkv, R, T, D)
-    outs, lses = [], []
-    for s in range(0, T, block):
-        e = min(s + block, T)
-        sc = torch.matmul(qg[:, :, :, s:e], kt[:, :, None, :e].transpose(-1, -2)) * scale  # (b, Hkv, R, n, e)
-        causal = torch.arange(e, device=q.device)[None, :] <= torch.arange(s, e, device=q.device)[:, None]
-        sc = sc.masked_fill(~causal, float("-inf"))
-        lse = torch.logsumexp(sc, dim=-1)
-        outs.append(torch.matmul(torch.exp(sc - lse[..., None]), vt[:, :, None, :e]))
-        lses.append(lse)
-    o = torch.cat(outs, 3).reshape(b, Hq, T, D).transpose(1, 2).to(q.dtype).contiguous()
-    return o, torch.cat(lses, 3).reshape(b, Hq, T).transpose(1, 2).contiguous()
-
-
-def bmojo_attention_blocksparse(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    window: int | None = None,
-    k_fading: torch.Tensor | None = None,
-    v_fading: torch.Tensor | None = None,
-    fading_window: int | None = None,
-    k_memory: torch.Tensor | None = None,
-    v_memory: torch.Tensor | None = None,
-    memory_valid: torch.Tensor | None = None,
-    scale: float | None = None,
-    return_lse: bool = False,
-    block_size: int = DEFAULT_BLOCK,
-):
-    """Same contract as ``bmojo_attention_ref``.
-
-    q (b, T, Hq, D); k, v, k_fading, v_fading (b, T, Hkv, D); k_memory, v_memory
-    (b, ceil(T/w), m_e, Hkv, D); memory_valid (b, ceil(T/w), m_e) bool (None: all valid). Query t sees
-    k[s] for t-w < s <= t, k_fading[s] for t-w-m_f < s <= t-w, and the valid slots of chunk t // w.
-    Returns o (b, T, Hq, D) in q's dtype and, if asked, the natural-log lse (b, T, Hq) fp32.
-    """
-    b, T, Hq, D = q.shape
-    Hkv = k.shape[2]
-    R = Hq // Hkv
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    if T == 0:
-        o = q.new_empty(b, 0, Hq, D)
-        return (o, q.new_empty(b, 0, Hq, dtype=torch.float32)) if return_lse else o
-    if window is None:
-        return _full_causal(q, k, v, scale, return_lse)
-
-    w = window
-    m_f = w if fading_window is None else fading_window
-    Bq = _pick_block(w, block_size)
     n_blk = -(-T // Bq)
     Tp = n_blk * Bq
     device = q.device
@@ -187,3 +364,68 @@ def bmojo_attention_blocksparse(
         return o
     lse = lse.permute(0, 2, 4, 1, 3).reshape(b, Tp, Hq)[:, :T].contiguous()
     return o, lse
+
+
+def _full_causal(q, k, v, scale, return_lse, block: int = 128):
+    """window=None: plain causal attention in fp32. q (b, T, Hq, D); k, v (b, T, Hkv, D)."""
+    b, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    R = Hq // Hkv
+    qt, kt, vt = (t.float().transpose(1, 2) for t in (q, k, v))  # (b, H, T, D)
+    if not return_lse:
+        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=R > 1)
+        return o.transpose(1, 2).to(q.dtype).contiguous()
+    # lse wanted: exact scores, one query block at a time (memory O(block * T) per step)
+    qg = qt.reshape(b, Hkv, R, T, D)
+    outs, lses = [], []
+    for s in range(0, T, block):
+        e = min(s + block, T)
+        sc = torch.matmul(qg[:, :, :, s:e], kt[:, :, None, :e].transpose(-1, -2)) * scale  # (b, Hkv, R, n, e)
+        causal = torch.arange(e, device=q.device)[None, :] <= torch.arange(s, e, device=q.device)[:, None]
+        sc = sc.masked_fill(~causal, float("-inf"))
+        lse = torch.logsumexp(sc, dim=-1)
+        outs.append(torch.matmul(torch.exp(sc - lse[..., None]), vt[:, :, None, :e]))
+        lses.append(lse)
+    o = torch.cat(outs, 3).reshape(b, Hq, T, D).transpose(1, 2).to(q.dtype).contiguous()
+    return o, torch.cat(lses, 3).reshape(b, Hq, T).transpose(1, 2).contiguous()
+
+
+def bmojo_attention_blocksparse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int | None = None,
+    k_fading: torch.Tensor | None = None,
+    v_fading: torch.Tensor | None = None,
+    fading_window: int | None = None,
+    k_memory: torch.Tensor | None = None,
+    v_memory: torch.Tensor | None = None,
+    memory_valid: torch.Tensor | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    block_size: int = DEFAULT_BLOCK,
+    score_budget: int | None = None,
+):
+    """Same contract as ``bmojo_attention_ref``.
+
+    q (b, T, Hq, D); k, v, k_fading, v_fading (b, T, Hkv, D); k_memory, v_memory
+    (b, ceil(T/w), m_e, Hkv, D); memory_valid (b, ceil(T/w), m_e) bool (None: all valid). Query t sees
+    k[s] for t-w < s <= t, k_fading[s] for t-w-m_f < s <= t-w, and the valid slots of chunk t // w.
+    Returns o (b, T, Hq, D) in q's dtype and, if asked, the natural-log lse (b, T, Hq) fp32.
+    ``block_size`` is the query block target; ``score_budget`` (bytes, default ``SCORE_BUDGET``) bounds
+    the fp32 scores of one group of query blocks.
+    """
+    b, T, Hq, D = q.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if T == 0:
+        o = q.new_empty(b, 0, Hq, D)
+        return (o, q.new_empty(b, 0, Hq, dtype=torch.float32)) if return_lse else o
+    if window is None:
+        return _full_causal(q, k, v, scale, return_lse)
+    m_f = window if fading_window is None else fading_window
+    Bq = _pick_block(window, block_size)
+    if q.device.type not in _FAST_DEVICES:
+        return _gathered(q, k, v, window, k_fading, v_fading, m_f, k_memory, v_memory, memory_valid, scale,
+                         return_lse, Bq)
+    return _banded(q, k, v, window, k_fading, v_fading, m_f, k_memory, v_memory, memory_valid, scale, return_lse,
+                   Bq, SCORE_BUDGET if score_budget is None else score_budget)
