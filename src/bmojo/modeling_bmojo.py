@@ -120,9 +120,10 @@ class BMojoMambaMixer(nn.Module):
         init.copy_(self.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))
 
     def _ssm_inputs(self, x: torch.Tensor):
-        """x (..., d_inner) after the conv -> dt (..., d_inner) without bias, B, C (..., N)."""
+        """x (..., d_inner) after the conv -> dt (..., d_inner) with the dt bias already added (one
+        ``addmm``, so the scan gets ``dt_bias=None``), B, C (..., N)."""
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        return F.linear(dt, self.dt_proj.weight), B, C
+        return F.linear(dt, self.dt_proj.weight, self.dt_proj.bias), B, C
 
     def forward(self, u: torch.Tensor, state: LayerState | None = None) -> torch.Tensor:
         """u (b, T, d) -> (b, T, d). With a fresh ``state``, also leaves the final conv/SSM states in it."""
@@ -134,7 +135,7 @@ class BMojoMambaMixer(nn.Module):
         x, conv_state = out if want_state else (out, None)
         dt, B, C = self._ssm_inputs(x)
         A = -torch.exp(self.A_log.float())
-        out = ops.selective_scan(x, dt, A, B, C, D=self.D, z=z, dt_bias=self.dt_proj.bias, dt_softplus=True,
+        out = ops.selective_scan(x, dt, A, B, C, D=self.D, z=z, dt_bias=None, dt_softplus=True,
                                  return_final_state=want_state, backend=backend)
         y, ssm_state = out if want_state else (out, None)
         if want_state:
@@ -149,7 +150,7 @@ class BMojoMambaMixer(nn.Module):
                                      backend=backend)
         dt, B, C = self._ssm_inputs(x)
         A = -torch.exp(self.A_log.float())
-        y = ops.selective_state_update(state["ssm"], x, dt, A, B, C, D=self.D, z=z, dt_bias=self.dt_proj.bias,
+        y = ops.selective_state_update(state["ssm"], x, dt, A, B, C, D=self.D, z=z, dt_bias=None,
                                        dt_softplus=True, backend=backend)
         return self.out_proj(y)
 

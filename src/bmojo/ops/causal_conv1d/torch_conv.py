@@ -29,17 +29,27 @@ def causal_conv1d_torch(
     b, T, d = x.shape
     K = weight.shape[-1]
     _activate(x.new_empty(0), activation)  # reject a bad activation name before any work
-    prev = x.new_zeros(b, K - 1, d) if initial_state is None else initial_state.to(x.dtype).transpose(1, 2)
     # The explicit left context (the state, or zeros) makes the conv causal and lets a call continue
     # a previous one; it is kept in x's dtype, like the reference's state.
-    xp = torch.cat([prev, x], dim=1)  # (b, K-1+T, d)
-    xpf, wf = xp.float(), weight.float()  # fp32 arithmetic, like the reference
-    # tap j multiplies x[t - (K-1) + j], i.e. the slice xp[:, j : j+T]
-    y = xpf[:, :T] * wf[:, 0] if bias is None else torch.addcmul(bias.float(), xpf[:, :T], wf[:, 0])
-    for j in range(1, K):
-        y = y.addcmul_(xpf[:, j : j + T], wf[:, j])
+    prev = None if initial_state is None else initial_state.to(x.dtype).transpose(1, 2)  # (b, K-1, d)
+    xf, wf = x.float(), weight.float()  # fp32 arithmetic, like the reference
+    # y_t = sum_j w_j xp[t - (K-1) + j] over xp = [prev; x]. Tap j reads x shifted right by s = K-1-j:
+    # rows t >= s take x[t - s], rows t < s take prev[t + j] (nothing when there is no state). Taps
+    # run on slices of x and of the output, so x is never copied into a padded buffer.
+    last = wf[:, K - 1]
+    y = xf * last if bias is None else torch.addcmul(bias.float(), xf, last)
+    for j in range(K - 1):
+        s = K - 1 - j
+        if s < T:
+            y[:, s:].addcmul_(xf[:, : T - s], wf[:, j])
+        if prev is not None:
+            n = min(s, T)
+            y[:, :n].addcmul_(prev[:, j : j + n].float(), wf[:, j])
     y = _activate(y, activation).to(x.dtype)
     if return_final_state:
+        if prev is None:
+            prev = x.new_zeros(b, K - 1, d)
+        xp = torch.cat([prev, x[:, max(T - (K - 1), 0):]], dim=1)  # only the last K-1 inputs are kept
         return y, xp[:, xp.shape[1] - (K - 1):].transpose(1, 2).contiguous()
     return y
 
