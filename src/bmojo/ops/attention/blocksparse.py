@@ -31,6 +31,7 @@ the log-sum-exp is wanted, to a loop over query blocks with exact scores.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 
 DEFAULT_BLOCK = 64  # query block target: 64 and 128 within a few % at w=512 on CPU; 64 wastes less of the band
 SCORE_BUDGET = 16 * 2**20  # bytes of fp32 scores per group of query blocks (inference working set)
+HEAD_SPLIT_WORK = 2**22  # multiply-adds of fading band in a segment's fading-free head worth its own groups
 _FAST_DEVICES = ("cpu", "cuda")
 
 
@@ -56,7 +58,8 @@ def _pick_block(window: int, target: int) -> int:
     return target
 
 
-def _edge_biases(span: int, nbx: int, Bq: int, device) -> list[tuple[int, int, torch.Tensor]]:
+@functools.lru_cache(maxsize=64)
+def _edge_biases(span: int, nbx: int, Bq: int, device: torch.device) -> tuple[tuple[int, int, torch.Tensor], ...]:
     """The column blocks of a band that are only partly visible, with their additive bias (Bq, Bq).
 
     A band has ``Bq`` query rows and ``(nbx+1) Bq`` key columns; column c of query block j is position
@@ -72,7 +75,7 @@ def _edge_biases(span: int, nbx: int, Bq: int, device) -> list[tuple[int, int, t
         if not bool(sub.all()):
             bias = torch.zeros(Bq, Bq).masked_fill_(~sub, float("-inf"))
             out.append((kb * Bq, (kb + 1) * Bq, bias.to(device)))
-    return out
+    return tuple(out)
 
 
 def _segment_layout(x: torch.Tensor, shift: int, front_rows: int, Tp: int) -> torch.Tensor:
@@ -168,13 +171,16 @@ def _banded(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_vali
             mem_bias = torch.zeros(vis.shape, device=device).masked_fill_(~vis, NEG)
             mem_bias = mem_bias[:, None].expand(b, Hkv, *vis.shape[1:]).reshape(Ntot, 1, vis.shape[2], Sm)
 
-    # groups of query blocks: a segment's leading fading-free blocks apart from the rest, each group
-    # under the score budget
-    pieces = []
-    for s in range(segs):
-        base = s * n_blk
-        for lo, hi, fl in ((0, jf, False), (jf, n_blk, True)):
-            if hi > lo:
+    # groups of query blocks, each under the score budget. When a segment's leading fading-free blocks
+    # hold enough work, they form groups without the fading band; else blocks are grouped as they come
+    # (small problems: few groups, few ops).
+    any_f = fading and jf < n_blk
+    pieces = [[0, Ntot, any_f]]
+    if any_f and jf * RB * Sf * D >= HEAD_SPLIT_WORK:
+        pieces = []
+        for s in range(segs):
+            base = s * n_blk
+            for lo, hi, fl in ((0, jf, False), (jf, n_blk, True)):
                 if pieces and pieces[-1][2] == fl and pieces[-1][1] == base + lo:
                     pieces[-1][1] = base + hi
                 else:
@@ -186,7 +192,9 @@ def _banded(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_vali
         n = -(-(g1 - g0) // gmax)
         size = -(-(g1 - g0) // n)
         groups.extend((a, min(a + size, g1), fl, S) for a in range(g0, g1, size))
-    J = max(nb, nbf + -(-w // Bq) if fading else 0)  # blocks of a segment whose bands reach before a first key
+    # blocks j of a segment whose bands reach before its first key: window keys before position 0
+    # (j < nb), fading keys before position 0, i.e. shifted positions < w (j < nbf + ceil(w / Bq))
+    J = min(n_blk, max(nb, nbf + -(-w // Bq) if any_f else 0))
 
     if not grad:
         sbuf = torch.empty(max((g1 - g0) * S for g0, g1, _, S in groups) * RB, device=device)
@@ -217,16 +225,17 @@ def _banded(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_vali
         if has_f:
             for c0, c1, bias in f_edges:
                 sc[:, :, Sw + c0 : Sw + c1].view(G, R, Bq, c1 - c0).add_(bias)
-        for s in range(g0 // n_blk, (g1 - 1) // n_blk + 1):
-            base = s * n_blk
-            for j in range(max(g0 - base, 0), min(g1 - base, J)):
-                i = base + j - g0
-                if j < nb:  # window keys before position 0
-                    sc[i, :, : (nb - j) * Bq].fill_(NEG)
-                if has_f:  # fading keys before position 0 (shifted position < w)
-                    L = min(Sf, w + (nbf - j) * Bq)
-                    if L > 0:
-                        sc[i, :, Sw : Sw + L].fill_(NEG)
+        for j in range(J):  # block j of every segment in the group: one strided view
+            s0, s1 = max(-(-(g0 - j) // n_blk), 0), (g1 - 1 - j) // n_blk
+            if s1 < s0:
+                continue
+            rows = sc[s0 * n_blk + j - g0 : s1 * n_blk + j - g0 + 1 : n_blk]
+            if j < nb:
+                rows[:, :, : (nb - j) * Bq].fill_(NEG)
+            if has_f:
+                L = min(Sf, w + (nbf - j) * Bq)
+                if L > 0:
+                    rows[:, :, Sw : Sw + L].fill_(NEG)
         if Sm and mem_bias is not None:
             sc[:, :, mo:].view(G, R, Bq, Sm).add_(mem_bias[g0:g1])
         # one softmax over the union, in fp32
