@@ -27,6 +27,20 @@ from .checkpoint import validate_checkpoint
 from .configuration_bmojo import BMojoConfig
 
 
+def _inference() -> bool:
+    """No autograd recording: in-place updates of fresh intermediates are safe (they save a large
+    buffer each; on CPU a fresh multi-MB buffer also costs page faults)."""
+    return not torch.is_grad_enabled()
+
+
+def _residual_add(h: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """``h + branch``; in inference, accumulated into ``branch`` (a fresh output of a projection) when
+    that gives the same dtype. ``h`` itself is never written (callers may keep it, e.g. hidden states)."""
+    if _inference() and branch.dtype == torch.result_type(h, branch) and branch.shape == h.shape:
+        return branch.add_(h)
+    return h + branch
+
+
 class BMojoRMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-5):
         super().__init__()
@@ -35,9 +49,12 @@ class BMojoRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x.to(dtype)
+        xf = x.float()
+        rstd = torch.rsqrt((xf * xf).mean(-1, keepdim=True).add_(self.variance_epsilon))
+        y = (xf * rstd).to(dtype)
+        if _inference() and y.dtype == self.weight.dtype:
+            return y.mul_(self.weight)  # same values as weight * y, one large buffer fewer
+        return self.weight * y
 
 
 class BMojoRotaryEmbedding(nn.Module):
@@ -57,13 +74,20 @@ class BMojoRotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (b, T, H, D), cos/sin (T, D) or (b, T, D) -> x rotated, in x's dtype."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
+    """x (b, T, H, D), cos/sin (T, D) or (b, T, D) -> x rotated, in x's dtype.
+
+    ``x cos + rotate_half(x) sin`` with ``rotate_half(x) = [-x2, x1]``, written as one product and two
+    fused multiply-adds on the halves (no negated or concatenated copy of x)."""
     cos, sin = cos[..., None, :], sin[..., None, :]
     if cos.dim() == 3:
         cos, sin = cos[None], sin[None]
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    xf = x.float()
+    half = x.shape[-1] // 2
+    x1, x2 = xf[..., :half], xf[..., half:]
+    out = xf * cos
+    out[..., :half].addcmul_(x2, sin[..., :half], value=-1.0)
+    out[..., half:].addcmul_(x1, sin[..., half:])
+    return out.to(x.dtype)
 
 
 class BMojoMLP(nn.Module):
@@ -77,6 +101,8 @@ class BMojoMLP(nn.Module):
         self.down_proj = nn.Linear(i, d, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _inference():  # same values, two (T, intermediate) buffers fewer
+            return self.down_proj(F.silu(self.gate_proj(x), inplace=True).mul_(self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -369,19 +395,19 @@ class BMojoDecoderLayer(nn.Module):
         if self.mlp is None:
             return h
         u, h = self._branch_input(self.post_mixer_layernorm, h)
-        return h + self.mlp(u)
+        return _residual_add(h, self.mlp(u))
 
     def forward(self, h: torch.Tensor, rope=None, state: LayerState | None = None) -> torch.Tensor:
         """Parallel form: h (b, T, d) -> (b, T, d)."""
         u, h = self._branch_input(self.input_layernorm, h)
         mixed = self.mixer(u, state) if self.layer_type == "mamba" else self.mixer(u, rope, state)
-        return self._mlp(h + mixed)
+        return self._mlp(_residual_add(h, mixed))
 
     def step(self, h: torch.Tensor, t: torch.Tensor, rope, state: LayerState) -> torch.Tensor:
         """Recurrent form: one token per row, h (b, d) at positions t (b,) -> (b, d)."""
         u, h = self._branch_input(self.input_layernorm, h)
         mixed = self.mixer.step(u, state) if self.layer_type == "mamba" else self.mixer.step(u, t, rope, state)
-        return self._mlp(h + mixed)
+        return self._mlp(_residual_add(h, mixed))
 
 
 AUTO_MAP = {
