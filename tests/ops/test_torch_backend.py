@@ -174,14 +174,24 @@ def test_sequential_steps_match_log_depth(reverse):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
-def test_selective_scan_inference_epilogue():
-    """Under no_grad the D skip and z gate run in place on the scan's output: same values as with autograd."""
-    t = {k: v.detach() for k, v in _scan_inputs(2, 150, 8, 4, 2, torch.float32, True).items()}
-    want = ops.selective_scan_ref(**t)
+@pytest.mark.parametrize("sequential", [False, True])
+@pytest.mark.parametrize("T,dtype,softplus", [(150, torch.float32, True), (257, torch.float32, True),
+                                              (257, torch.float32, False), (70, torch.bfloat16, True)])
+def test_selective_scan_inference_path(T, dtype, softplus, sequential, monkeypatch):
+    """Under no_grad the scan skips autograd and fuses the dt transform, D skip and z gate per chunk:
+    same values and final state as the reference (chunk boundaries, a ragged last chunk, bf16 inputs)."""
+    from bmojo.ops.selective_scan import chunk
+    if sequential:
+        monkeypatch.setattr(chunk, "SEQUENTIAL_MIN_STATE", 0)
+    t = {k: v.detach() for k, v in _scan_inputs(2, T, 8, 4, 2, dtype, True).items()}
+    if not softplus:  # the caller passes dt' itself (positive)
+        t["dt"] = F.softplus(t["dt"].float() + t.pop("dt_bias")).to(dtype)
+    want, h_want = ops.selective_scan_ref(**t, dt_softplus=softplus, return_final_state=True)
     with torch.no_grad():
-        got, h = ops.selective_scan(**t, return_final_state=True, backend="torch")
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(h, ops.selective_scan_ref(**t, return_final_state=True)[1], rtol=1e-5, atol=1e-5)
+        got, h = ops.selective_scan(**t, dt_softplus=softplus, return_final_state=True, backend="torch")
+    assert got.dtype == dtype and h.dtype == torch.float32
+    _close(got, want, dtype, "y")
+    _close(h, h_want, torch.float32 if dtype == torch.float32 else dtype, "final_state")
     assert h.is_contiguous() and h.shape == (2, 8, 4)
 
 
@@ -225,6 +235,21 @@ def test_causal_conv1d(T, K, with_state, dtype):
     torch.testing.assert_close(out_f[1], out_r[1], rtol=0, atol=0)  # the state is a copy of inputs
     for n, a, e in zip(["dx", "dweight", "dbias", "dinitial_state"], g_f, g_r):
         _close(a, e, dtype, n)
+
+
+@pytest.mark.parametrize("T", [1, 2, 9])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_causal_conv1d_inference(T, with_state):
+    """Under no_grad the activation runs in place on the fresh output: same values and state."""
+    g = torch.Generator().manual_seed(T)
+    b, d, K = 2, 6, 4
+    x, w, bias = torch.randn(b, T, d, generator=g), torch.randn(d, K, generator=g), torch.randn(d, generator=g)
+    h0 = torch.randn(b, d, K - 1, generator=g) if with_state else None
+    want = ops.causal_conv1d_ref(x, w, bias, "silu", h0, True)
+    with torch.no_grad():
+        got = ops.causal_conv1d(x, w, bias, "silu", h0, True, backend="torch")
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("K", [1, 4])

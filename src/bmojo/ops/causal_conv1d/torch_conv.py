@@ -8,6 +8,7 @@ the K taps, never over T.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .naive import _activate
 
@@ -45,7 +46,11 @@ def causal_conv1d_torch(
         if prev is not None:
             n = min(s, T)
             y[:, :n].addcmul_(prev[:, j : j + n].float(), wf[:, j])
-    y = _activate(y, activation).to(x.dtype)
+    if activation is not None and not torch.is_grad_enabled():
+        y = F.silu(y, inplace=True)  # inference: y is a fresh buffer (activation already validated)
+    else:
+        y = _activate(y, activation)
+    y = y.to(x.dtype)
     if return_final_state:
         if prev is None:
             prev = x.new_zeros(b, K - 1, d)

@@ -113,6 +113,54 @@ def _grouped(t: torch.Tensor) -> torch.Tensor:
     return t.unsqueeze(2) if t.dim() == 3 else t
 
 
+def _forward_chunks(x, dt, A, B, C, h0, chunk_size: int, starts=None, dt_bias=None, dt_softplus=False,
+                    D=None, z=None):
+    """The forward recurrence, one chunk at a time, in the state-major layout of :class:`_ChunkedScan`.
+
+    x, dt (b, T, G, P) (fp32, or any float dtype when the per-chunk transforms below are used);
+    A (G, N, P) fp32; B, C (b, T, G, N) fp32; h0 (b, G, N, P) fp32. If ``starts`` (b, n_chunks, G, N, P)
+    is given, each chunk's initial state is written there (for the backward). Inference fuses, per
+    chunk and so on cache-resident slices: ``dt' = softplus(dt + dt_bias)``, the ``D`` skip (G, P) and
+    the ``z`` gate (b, T, G, P). Returns y (b, T, G, P) fp32 and the final state (b, G, N, P).
+    """
+    b, T, G, P = x.shape
+    N = A.shape[-2]
+    L = min(chunk_size, T)
+    n_chunks = -(-T // L)
+    y = x.new_empty(b, T, G, P, dtype=torch.float32)
+    a_buf = x.new_empty(b, L, G, N, P, dtype=torch.float32)
+    u_buf = x.new_empty(b, L, G, N, P, dtype=torch.float32)
+    A2 = A * LOG2E  # exp(dt A) = exp2(dt A log2(e)); exp2 is about twice as fast as exp on CPU
+    seq = _sequential_ok(x, b * G * N * P)
+    full_plan = _steps(a_buf[:, 1:], u_buf, sequential=seq)  # the buffers are reused: build the views once
+    h, carry = h0, x.new_empty(b, G, N, P, dtype=torch.float32)
+    for c in range(n_chunks):
+        s, e = c * L, min((c + 1) * L, T)
+        n = e - s
+        a, u = (a_buf, u_buf) if n == L else (a_buf[:, :n], u_buf[:, :n])
+        if starts is not None:
+            starts[:, c] = h
+        xc, dtc = x[:, s:e].float(), dt[:, s:e].float()
+        if dt_bias is not None:
+            dtc = dtc + dt_bias
+        if dt_softplus:
+            dtc = F.softplus(dtc)
+        torch.mul(dtc[:, :, :, None, :], A2, out=a).exp2_()
+        torch.mul((dtc * xc)[:, :, :, None, :], B[:, s:e, :, :, None], out=u)
+        u[:, 0].addcmul_(a[:, 0], h)  # fold the carried state into the first input
+        _run_plan(full_plan if n == L else _steps(a[:, 1:], u, sequential=seq))
+        # y_t = C_t h_t, one (1, N) x (N, P) product per token, written in place
+        yc = y[:, s:e]
+        torch.matmul(C[:, s:e, :, None, :], u, out=yc[:, :, :, None, :])
+        if D is not None:
+            yc.addcmul_(xc, D)
+        if z is not None:
+            yc.mul_(F.silu(z[:, s:e].float()))
+        if c + 1 < n_chunks:
+            h = carry.copy_(u[:, -1])  # u is overwritten by the next chunk before the fold reads h
+    return y, u[:, -1].clone()
+
+
 class _ChunkedScan(torch.autograd.Function):
     """Core scan without D, z or the dt transform. All inputs fp32.
 
@@ -128,31 +176,9 @@ class _ChunkedScan(torch.autograd.Function):
     @staticmethod
     def forward(x, dt, A, B, C, h0, chunk_size: int):
         b, T, G, P = x.shape
-        N = A.shape[-2]
-        L = min(chunk_size, T)
-        n_chunks = -(-T // L)
-        y = x.new_empty(b, T, G, P)
-        starts = x.new_empty(b, n_chunks, G, N, P)  # each chunk's initial state, for the backward
-        starts[:, 0] = h0
-        a_buf = x.new_empty(b, L, G, N, P)
-        u_buf = x.new_empty(b, L, G, N, P)
-        A2 = A * LOG2E  # exp(dt A) = exp2(dt A log2(e)); exp2 is about twice as fast as exp on CPU
-        dtx = dt * x
-        seq = _sequential_ok(x, b * G * N * P)
-        full_plan = _steps(a_buf[:, 1:], u_buf, sequential=seq)  # the buffers are reused: build the views once
-        for c in range(n_chunks):
-            s, e = c * L, min((c + 1) * L, T)
-            n = e - s
-            a, u = (a_buf, u_buf) if n == L else (a_buf[:, :n], u_buf[:, :n])
-            torch.mul(dt[:, s:e, :, None, :], A2, out=a).exp2_()
-            torch.mul(dtx[:, s:e, :, None, :], B[:, s:e, :, :, None], out=u)
-            u[:, 0].addcmul_(a[:, 0], starts[:, c])  # fold the carried state into the first input
-            _run_plan(full_plan if n == L else _steps(a[:, 1:], u, sequential=seq))
-            # y_t = C_t h_t, one (1, N) x (N, P) product per token, written in place
-            torch.matmul(C[:, s:e, :, None, :], u, out=y[:, s:e, :, None, :])
-            if c + 1 < n_chunks:
-                starts[:, c + 1] = u[:, -1]
-        return y, u[:, -1].clone(), starts
+        starts = x.new_empty(b, -(-T // min(chunk_size, T)), G, A.shape[-2], P)  # for the backward
+        y, h = _forward_chunks(x, dt, A, B, C, h0, chunk_size, starts=starts)
+        return y, h, starts
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -245,28 +271,36 @@ def selective_scan_chunked(
     Bg, Cg = _grouped(B.float()), _grouped(C.float())
     G = Bg.shape[2]
     P = d // G
+    h0 = x.new_zeros(b, d, N, dtype=torch.float32) if initial_state is None else initial_state.float()
+    if T == 0:
+        y = x.new_zeros(b, 0, d)
+        return (y, h0.clone()) if return_final_state else y
+    # state-major (N, P) layout inside the scan (see _ChunkedScan); only (d, N)-sized transposes here
+    A_np = A.float().reshape(G, P, N).transpose(1, 2).contiguous()
+    h0_np = h0.reshape(b, G, P, N).transpose(2, 3).contiguous()
+    tensors = (x, dt, A, B, C, D, z, dt_bias, initial_state)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
+        # inference: no autograd record, so the dt transform, D skip and z gate run per chunk, on
+        # cache-resident slices, with no full-length temporaries
+        y, h = _forward_chunks(
+            x.reshape(b, T, G, P), dt.reshape(b, T, G, P), A_np, Bg, Cg, h0_np, int(chunk_size),
+            dt_bias=None if dt_bias is None else dt_bias.float().reshape(G, P), dt_softplus=dt_softplus,
+            D=None if D is None else D.float().reshape(G, P), z=None if z is None else z.reshape(b, T, G, P))
+        y = y.view(b, T, d).to(dtype_in)
+        return (y, h.transpose(2, 3).reshape(b, d, N)) if return_final_state else y
     xf = x.float()
     dtf = dt.float()
     if dt_bias is not None:
         dtf = dtf + dt_bias.float()
     if dt_softplus:
         dtf = F.softplus(dtf)
-    h0 = x.new_zeros(b, d, N, dtype=torch.float32) if initial_state is None else initial_state.float()
-    if T == 0:
-        y = xf.new_zeros(b, 0, d).to(dtype_in)
-        return (y, h0.clone()) if return_final_state else y
-    # state-major (N, P) layout inside the scan (see _ChunkedScan); only (d, N)-sized transposes here
-    y, h, _ = _ChunkedScan.apply(
-        xf.reshape(b, T, G, P), dtf.reshape(b, T, G, P), A.float().reshape(G, P, N).transpose(1, 2).contiguous(),
-        Bg, Cg, h0.reshape(b, G, P, N).transpose(2, 3).contiguous(), int(chunk_size),
-    )
+    y, h, _ = _ChunkedScan.apply(xf.reshape(b, T, G, P), dtf.reshape(b, T, G, P), A_np, Bg, Cg, h0_np,
+                                 int(chunk_size))
     y = y.view(b, T, d)
-    # the D skip and the z gate; in place when nothing is recorded for autograd (inference)
-    inplace = not torch.is_grad_enabled()
     if D is not None:
-        y = y.addcmul_(xf, D.float()) if inplace else torch.addcmul(y, xf, D.float())
+        y = torch.addcmul(y, xf, D.float())
     if z is not None:
-        y = y.mul_(F.silu(z.float())) if inplace else y * F.silu(z.float())
+        y = y * F.silu(z.float())
     y = y.to(dtype_in)
     return (y, h.transpose(2, 3).reshape(b, d, N)) if return_final_state else y
 
