@@ -41,6 +41,7 @@ DEFAULT_BLOCK = 64  # query block target: 64 and 128 within a few % at w=512 on 
 SCORE_BUDGET = 16 * 2**20  # bytes of fp32 scores per group of query blocks (inference working set)
 HEAD_SPLIT_WORK = 2**22  # multiply-adds of fading band in a segment's fading-free head worth its own groups
 _FAST_DEVICES = ("cpu", "cuda")
+_LOG2E, _LN2 = 1.0 / math.log(2.0), math.log(2.0)
 
 
 def _pick_block(window: int, target: int) -> int:
@@ -129,8 +130,8 @@ def _banded(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_vali
     qb = qf.view(b, n_blk, Bq, Hkv, R, D).permute(0, 3, 1, 4, 2, 5)
     if grad:
         qb = (qb * scale).reshape(Ntot, RB, D)
-    else:
-        qb = torch.mul(qb, scale, out=torch.empty(b, Hkv, n_blk, R, Bq, D, device=device)).view(Ntot, RB, D)
+    else:  # scores in log2 units for exp2
+        qb = torch.mul(qb, scale * _LOG2E, out=torch.empty(b, Hkv, n_blk, R, Bq, D, device=device)).view(Ntot, RB, D)
 
     Kw = _segment_layout(k, 0, P * Bq, Tp)
     Vw = _segment_layout(v, 0, P * Bq, Tp)
@@ -199,7 +200,7 @@ def _banded(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_vali
     if not grad:
         sbuf = torch.empty(max((g1 - g0) * S for g0, g1, _, S in groups) * RB, device=device)
         o_all = torch.empty(Ntot, RB, D, device=device)
-        lse_all = torch.empty(Ntot, RB, device=device) if return_lse else None
+        lse_all = torch.empty(Ntot, RB, 1, device=device) if return_lse else None
     outs, lses = [], []
     for g0, g1, has_f, S in groups:
         G = g1 - g0
@@ -238,17 +239,21 @@ def _banded(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_vali
                     rows[:, :, Sw : Sw + L].fill_(NEG)
         if Sm and mem_bias is not None:
             sc[:, :, mo:].view(G, R, Bq, Sm).add_(mem_bias[g0:g1])
-        # one softmax over the union, in fp32
-        if return_lse:
-            lse = torch.logsumexp(sc, dim=-1)  # (G, RB)
-            if grad:
+        # one softmax over the union, in fp32. Inference: scores are in log2 units (q carries log2 e),
+        # exp2 in place (about twice as fast as exp on CPU), and the normalisation divides the output
+        if grad:
+            if return_lse:
+                lse = torch.logsumexp(sc, dim=-1)  # (G, RB)
                 p = torch.exp(sc - lse[..., None])
                 lses.append(lse)
             else:
-                p = sc.sub_(lse[..., None]).exp_()
-                lse_all[g0:g1] = lse
+                p = torch.softmax(sc, -1)
         else:
-            p = torch.softmax(sc, -1) if grad else torch.softmax(sc, -1, out=sc)
+            mx = sc.amax(-1, keepdim=True)  # finite: every row sees its own key
+            p = sc.sub_(mx).exp2_()
+            denom = p.sum(-1, keepdim=True)  # (G, RB, 1)
+            if return_lse:
+                torch.mul(mx.add_(denom.log2()), _LN2, out=lse_all[g0:g1])
         Vwb = band(Vw, nb, g0, g1).transpose(1, 2)
         if grad:
             og = torch.bmm(p[:, :, :Sw], Vwb)
@@ -264,6 +269,7 @@ def _banded(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_vali
                 og.baddbmm_(p[:, :, Sw:mo], band(Vf, nbf, g0, g1).transpose(1, 2))
             if Sm:
                 og.baddbmm_(p[:, :, mo:], Vm[g0:g1])
+            og.div_(denom)
 
     if grad:
         o_all = torch.cat(outs) if len(outs) > 1 else outs[0]
@@ -274,7 +280,7 @@ def _banded(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_vali
     o = o.to(q.dtype).contiguous()
     if not return_lse:
         return o
-    lse = lse_all.view(b, Hkv, n_blk, R, Bq).permute(0, 2, 4, 1, 3).reshape(b, Tp, Hq)[:, :T].contiguous()
+    lse = lse_all.reshape(b, Hkv, n_blk, R, Bq).permute(0, 2, 4, 1, 3).reshape(b, Tp, Hq)[:, :T].contiguous()
     return o, lse
 
 
