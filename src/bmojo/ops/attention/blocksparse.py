@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_BLOCK = 64  # query block target: 64 and 128 within a few % at w=512 on CPU; 64 wastes less of the band
-SCORE_BUDGET = 16 * 2**20  # bytes of fp32 scores per group of query blocks (inference working set)
+SCORE_BUDGET = 4 * 2**20  # bytes of fp32 scores per group of query blocks: 4 MiB measured best of 2..64 MiB (cache)
 HEAD_SPLIT_WORK = 2**22  # multiply-adds of fading band in a segment's fading-free head worth its own groups
 _FAST_DEVICES = ("cpu", "cuda")
 _LOG2E, _LN2 = 1.0 / math.log(2.0), math.log(2.0)
