@@ -149,7 +149,8 @@ class BMojoMambaMixer(nn.Module):
         """x (..., d_inner) after the conv -> dt (..., d_inner) with the dt bias already added (one
         ``addmm``, so the scan gets ``dt_bias=None``), B, C (..., N)."""
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        return F.linear(dt, self.dt_proj.weight, self.dt_proj.bias), B, C
+        # dt is a column slice of x_proj's output: a contiguous copy (dt_rank wide) makes the addmm ~1.6x faster
+        return F.linear(dt.contiguous(), self.dt_proj.weight, self.dt_proj.bias), B, C
 
     def forward(self, u: torch.Tensor, state: LayerState | None = None) -> torch.Tensor:
         """u (b, T, d) -> (b, T, d). With a fresh ``state``, also leaves the final conv/SSM states in it."""

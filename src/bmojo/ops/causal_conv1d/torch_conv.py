@@ -33,19 +33,21 @@ def causal_conv1d_torch(
     # The explicit left context (the state, or zeros) makes the conv causal and lets a call continue
     # a previous one; it is kept in x's dtype, like the reference's state.
     prev = None if initial_state is None else initial_state.to(x.dtype).transpose(1, 2)  # (b, K-1, d)
-    xf, wf = x.float(), weight.float()  # fp32 arithmetic, like the reference
+    # fp32 arithmetic, like the reference. The taps as rows of a (K, d) copy: a contiguous per-channel
+    # vector broadcasts ~3x faster than a strided column of the (d, K) weight.
+    xf, wf = x.float(), weight.float().t().contiguous()
     # y_t = sum_j w_j xp[t - (K-1) + j] over xp = [prev; x]. Tap j reads x shifted right by s = K-1-j:
     # rows t >= s take x[t - s], rows t < s take prev[t + j] (nothing when there is no state). Taps
     # run on slices of x and of the output, so x is never copied into a padded buffer.
-    last = wf[:, K - 1]
+    last = wf[K - 1]
     y = xf * last if bias is None else torch.addcmul(bias.float(), xf, last)
     for j in range(K - 1):
         s = K - 1 - j
         if s < T:
-            y[:, s:].addcmul_(xf[:, : T - s], wf[:, j])
+            y[:, s:].addcmul_(xf[:, : T - s], wf[j])
         if prev is not None:
             n = min(s, T)
-            y[:, :n].addcmul_(prev[:, j : j + n].float(), wf[:, j])
+            y[:, :n].addcmul_(prev[:, j : j + n].float(), wf[j])
     if activation is not None and not torch.is_grad_enabled():
         y = F.silu(y, inplace=True)  # inference: y is a fresh buffer (activation already validated)
     else:
