@@ -197,6 +197,28 @@ def _banded(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_vali
     # (j < nb), fading keys before position 0, i.e. shifted positions < w (j < nbf + ceil(w / Bq))
     J = min(n_blk, max(nb, nbf + -(-w // Bq) if any_f else 0))
 
+    def mask_(x, g0, g1, has_f, S):
+        """-inf where query rows may not see key columns; x (G, R or 1, Bq, S), in place."""
+        mo = Sw + (Sf if has_f else 0)
+        for c0, c1, bias in w_edges:
+            x[..., c0:c1].add_(bias)
+        if has_f:
+            for c0, c1, bias in f_edges:
+                x[..., Sw + c0 : Sw + c1].add_(bias)
+        for j in range(J):  # block j of every segment in the group: one strided view
+            s0, s1 = max(-(-(g0 - j) // n_blk), 0), (g1 - 1 - j) // n_blk
+            if s1 < s0:
+                continue
+            rows = x[s0 * n_blk + j - g0 : s1 * n_blk + j - g0 + 1 : n_blk]
+            if j < nb:
+                rows[..., : (nb - j) * Bq].fill_(NEG)
+            if has_f:
+                L = min(Sf, w + (nbf - j) * Bq)
+                if L > 0:
+                    rows[..., Sw : Sw + L].fill_(NEG)
+        if Sm and mem_bias is not None:
+            x[..., mo:].add_(mem_bias[g0:g1])
+
     if not grad:
         sbuf = torch.empty(max((g1 - g0) * S for g0, g1, _, S in groups) * RB, device=device)
         o_all = torch.empty(Ntot, RB, D, device=device)
@@ -220,25 +242,16 @@ def _banded(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_vali
                 torch.bmm(Qg, band(Kf, nbf, g0, g1), out=sc[:, :, Sw:mo])
             if Sm:
                 torch.bmm(Qg, Km[g0:g1].transpose(1, 2), out=sc[:, :, mo:])
-        # visibility: band edges (same for every block), segment starts, memory validity
-        for c0, c1, bias in w_edges:
-            sc[:, :, c0:c1].view(G, R, Bq, c1 - c0).add_(bias)
-        if has_f:
-            for c0, c1, bias in f_edges:
-                sc[:, :, Sw + c0 : Sw + c1].view(G, R, Bq, c1 - c0).add_(bias)
-        for j in range(J):  # block j of every segment in the group: one strided view
-            s0, s1 = max(-(-(g0 - j) // n_blk), 0), (g1 - 1 - j) // n_blk
-            if s1 < s0:
-                continue
-            rows = sc[s0 * n_blk + j - g0 : s1 * n_blk + j - g0 + 1 : n_blk]
-            if j < nb:
-                rows[:, :, : (nb - j) * Bq].fill_(NEG)
-            if has_f:
-                L = min(Sf, w + (nbf - j) * Bq)
-                if L > 0:
-                    rows[:, :, Sw : Sw + L].fill_(NEG)
-        if Sm and mem_bias is not None:
-            sc[:, :, mo:].view(G, R, Bq, Sm).add_(mem_bias[g0:g1])
+        # visibility: band edges (same for every block), segment starts, memory validity. Inference
+        # masks the scores in place; autograd adds one bias tensor (in-place ops on views of the scores
+        # would each cost a full copy of the gradient in backward)
+        if grad:
+            with torch.no_grad():
+                bias = torch.zeros(G, 1, Bq, S, device=device)
+                mask_(bias, g0, g1, has_f, S)
+            sc = (sc.view(G, R, Bq, S) + bias).view(G, RB, S)
+        else:
+            mask_(sc.view(G, R, Bq, S), g0, g1, has_f, S)
         # one softmax over the union, in fp32. Inference: scores are in log2 units (q carries log2 e),
         # exp2 in place (about twice as fast as exp on CPU), and the normalisation divides the output
         if grad:
@@ -255,12 +268,13 @@ def _banded(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_vali
             if return_lse:
                 torch.mul(mx.add_(denom.log2()), _LN2, out=lse_all[g0:g1])
         Vwb = band(Vw, nb, g0, g1).transpose(1, 2)
-        if grad:
-            og = torch.bmm(p[:, :, :Sw], Vwb)
+        if grad:  # split, not slices: its backward is one cat, not a zero-filled copy per slice
+            ps = torch.split(p, [Sw] + ([Sf] if has_f else []) + ([Sm] if Sm else []), -1)
+            og = torch.bmm(ps[0], Vwb)
             if has_f:
-                og = torch.baddbmm(og, p[:, :, Sw:mo], band(Vf, nbf, g0, g1).transpose(1, 2))
+                og = torch.baddbmm(og, ps[1], band(Vf, nbf, g0, g1).transpose(1, 2))
             if Sm:
-                og = torch.baddbmm(og, p[:, :, mo:], Vm[g0:g1])
+                og = torch.baddbmm(og, ps[-1], Vm[g0:g1])
             outs.append(og)
         else:
             og = o_all[g0:g1]
