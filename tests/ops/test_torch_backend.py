@@ -147,42 +147,11 @@ def test_selective_scan_no_grad_inputs_and_defaults():
     torch.testing.assert_close(y, ops.selective_scan_ref(x, dt, A, B, C, dt_softplus=False), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["ragged", "many_chunks", "bf16", "large_decay"])
-def test_selective_scan_sequential_steps(case, monkeypatch):
-    """The token-by-token steps (taken on CPU for large states) against the reference, forward and every
-    gradient, including the reversed adjoint steps and ragged last chunks."""
-    from bmojo.ops.selective_scan import chunk
-    monkeypatch.setattr(chunk, "SEQUENTIAL_MIN_STATE", 0)
-    if case == "ragged":
-        _check_scan(_scan_inputs(2, 130, 8, 16, 2, torch.float32, True), torch.float32)
-    elif case == "many_chunks":
-        _check_scan(_scan_inputs(2, 37, 6, 4, 3, torch.float32, True), torch.float32, 5)
-    elif case == "bf16":
-        _check_scan(_scan_inputs(2, 70, 8, 4, None, torch.bfloat16, True), torch.bfloat16)
-    else:
-        _check_scan(_scan_inputs(1, 130, 4, 16, None, torch.float32, True, dt_scale=10.0), torch.float32)
-
-
-@pytest.mark.parametrize("reverse", [False, True])
-def test_sequential_steps_match_log_depth(reverse):
-    from bmojo.ops.selective_scan.chunk import _run_plan, _steps
-    for L in range(1, 12):
-        m, u = torch.rand(2, max(L - 1, 0), 3), torch.randn(2, L, 3)
-        want = scan_inplace_(m.clone(), u.clone(), reverse=reverse)
-        got = u.clone()
-        _run_plan(_steps(m.clone(), got, reverse=reverse, sequential=True))
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("sequential", [False, True])
 @pytest.mark.parametrize("T,dtype,softplus", [(150, torch.float32, True), (257, torch.float32, True),
                                               (257, torch.float32, False), (70, torch.bfloat16, True)])
-def test_selective_scan_inference_path(T, dtype, softplus, sequential, monkeypatch):
+def test_selective_scan_inference_path(T, dtype, softplus):
     """Under no_grad the scan skips autograd and fuses the dt transform, D skip and z gate per chunk:
     same values and final state as the reference (chunk boundaries, a ragged last chunk, bf16 inputs)."""
-    from bmojo.ops.selective_scan import chunk
-    if sequential:
-        monkeypatch.setattr(chunk, "SEQUENTIAL_MIN_STATE", 0)
     t = {k: v.detach() for k, v in _scan_inputs(2, T, 8, 4, 2, dtype, True).items()}
     if not softplus:  # the caller passes dt' itself (positive)
         t["dt"] = F.softplus(t["dt"].float() + t.pop("dt_bias")).to(dtype)
