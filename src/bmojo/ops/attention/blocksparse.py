@@ -18,13 +18,19 @@ which the visibility mask removes). Grouped-query heads share their kv head's ke
 query heads of a group are stacked as extra query rows.
 
 Scores (window | fading | memory) go to one fp32 tensor per group of query blocks (at most
-``SCORE_BUDGET`` bytes, so memory stays O(T) in inference), then: an additive ``-inf`` bias on the
-partially visible edge column blocks of each band (the same for every block), ``-inf`` fills on the
-few blocks at a segment's start whose band reaches before position 0 (or before the first fading key),
-the memory validity bias, one fp32 softmax over the union exactly like the reference, and
-``o = P_window V_window + P_fading V_fading + P_memory V_memory`` with ``bmm`` / ``baddbmm`` on views.
-Blocks at the start of a segment that see no fading key at all skip the fading band. Under autograd
-the same plain torch ops run out of place, so every gradient is autograd's.
+``SCORE_BUDGET`` bytes, so inference memory is O(T) with a small constant), then: an additive ``-inf``
+bias on the partially visible edge column blocks of each band (the same for every block), ``-inf``
+fills on the few blocks at a segment's start whose band reaches before position 0 (or before the
+first fading key), the memory validity bias, one fp32 softmax over the union exactly like the
+reference, and ``o = P_window V_window + P_fading V_fading + P_memory V_memory`` with ``bmm`` /
+``baddbmm`` on views. When they hold enough work, the blocks at a segment's start that see no fading
+key at all form groups without the fading band.
+
+Inference (no input requires grad) reuses one score buffer, writes ``bmm`` results straight into it,
+masks in place, and runs the softmax as in-place ``amax`` / ``exp2`` (scores in log2 units) with the
+normalisation applied to the output. Under autograd the scores are concatenated, the mask is one
+added bias tensor and the softmax is ``torch.softmax`` (or ``logsumexp`` + ``exp`` for the lse), so
+every gradient is autograd's through plain torch ops.
 
 Full causal attention (``window=None``) goes to ``scaled_dot_product_attention(is_causal=True)``, or, when
 the log-sum-exp is wanted, to a loop over query blocks with exact scores.
@@ -114,11 +120,11 @@ def _banded(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_vali
 
     nb = min(-(-(w - 1) // Bq), n_blk - 1)  # key blocks of the window band before the query's own
     Sw = (nb + 1) * Bq
-    fading = k_fading is not None and m_f > 0 and Tp > w  # some fading key lands in a segment
+    jf = min(n_blk, -(-(w - Bq + 1) // Bq))  # leading blocks of a segment that see no fading key
+    fading = k_fading is not None and m_f > 0 and jf < n_blk  # some block sees a fading key
     if fading:
         nbf = min(-(-(m_f - 1) // Bq), n_blk - 1)
         Sf = (nbf + 1) * Bq
-        jf = min(n_blk, -(-(w - Bq + 1) // Bq))  # leading blocks of a segment that see no fading key
     else:
         nbf, Sf, jf = 0, 0, n_blk
     P = max(nb, nbf)  # zero blocks in front of the first segment
@@ -175,9 +181,8 @@ def _banded(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_vali
     # groups of query blocks, each under the score budget. When a segment's leading fading-free blocks
     # hold enough work, they form groups without the fading band; else blocks are grouped as they come
     # (small problems: few groups, few ops).
-    any_f = fading and jf < n_blk
-    pieces = [[0, Ntot, any_f]]
-    if any_f and jf * RB * Sf * D >= HEAD_SPLIT_WORK:
+    pieces = [[0, Ntot, fading]]
+    if fading and jf * RB * Sf * D >= HEAD_SPLIT_WORK:
         pieces = []
         for s in range(segs):
             base = s * n_blk
@@ -195,7 +200,7 @@ def _banded(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_vali
         groups.extend((a, min(a + size, g1), fl, S) for a in range(g0, g1, size))
     # blocks j of a segment whose bands reach before its first key: window keys before position 0
     # (j < nb), fading keys before position 0, i.e. shifted positions < w (j < nbf + ceil(w / Bq))
-    J = min(n_blk, max(nb, nbf + -(-w // Bq) if any_f else 0))
+    J = min(n_blk, max(nb, nbf + -(-w // Bq) if fading else 0))
 
     def mask_(x, g0, g1, has_f, S):
         """-inf where query rows may not see key columns; x (G, R or 1, Bq, S), in place."""
