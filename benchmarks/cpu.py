@@ -73,14 +73,6 @@ def memory_point(member: str, hf: bool, T: int) -> float:
 CLOCK = time.perf_counter  # --cpu-time switches to time.process_time
 
 
-def prefill_rate(model, T: int, repeat: int) -> float:
-    from bmojo.bench import time_call
-
-    ids = torch.randint(0, 512, (1, T))
-    with torch.no_grad():
-        return T / time_call(lambda: model(ids, use_cache=False), warmup=1, repeat=repeat, clock=CLOCK)
-
-
 def decode_rate(model, prompt: int, steps: int) -> float:
     is_hf_mamba = type(model).__name__ == "MambaForCausalLM"
     ids = torch.randint(0, 512, (1, prompt))
@@ -118,7 +110,7 @@ def main() -> int:
     prefill_T = [512, 1024] if args.quick else [2048, 8192]
     prompts = [64, 1024] if args.quick else [256, 16384]
     mem_T = [1024, 2048, 4096] if args.quick else [2048, 4096, 8192, 16384, 32768]
-    steps, repeat = (8, 1) if args.quick else (32, 3)
+    steps, repeat = (8, 1) if args.quick else (32, 5)
     runs = [(m, False) for m in MEMBERS] + [("mamba", True), ("transformer", True)]
 
     def name(member, hf):
@@ -126,11 +118,28 @@ def main() -> int:
 
     load_start = os.getloadavg()
     rows, results = [], {}
+    models = {run: build(*run) for run in runs}
+    # prefill: the models take turns within each round, so a change of machine load hits every model
+    # alike and the target ratios compare figures taken side by side
+    prefill = {run: {} for run in runs}
+    for T in prefill_T:
+        ids = torch.randint(0, 512, (1, T))
+        times = {run: [] for run in runs}
+        with torch.no_grad():
+            for model in models.values():
+                model(ids, use_cache=False)  # warm-up
+            for _ in range(repeat):
+                for run, model in models.items():
+                    t0 = CLOCK()
+                    model(ids, use_cache=False)
+                    times[run].append(CLOCK() - t0)
+        for run in runs:
+            prefill[run][T] = T / sorted(times[run])[len(times[run]) // 2]
     for member, hf in runs:
-        model = build(member, hf)
+        model = models[(member, hf)]
         r = {"model": name(member, hf)}
         for T in prefill_T:
-            r[f"prefill tok/s T={T}"] = prefill_rate(model, T, repeat)
+            r[f"prefill tok/s T={T}"] = prefill[(member, hf)][T]
         for P in prompts:
             r[f"decode tok/s after {P}"] = decode_rate(model, P, steps)
         for T in mem_T:
@@ -164,7 +173,7 @@ def main() -> int:
         load += "; timed in process CPU time (not wall time) because the machine was shared"
     text = (f"# CPU benchmark: torch backend vs transformers\n\n"
             f"Machine: {machine}; torch threads: {args.threads}; {load}. d_model 256, 4 layers, vocab 512, window 512, "
-            f"64 eidetic slots, batch 1, fp32. Prefill: median of {repeat} runs; decode: {steps} steps after the "
+            f"64 eidetic slots, batch 1, fp32. Prefill: median of {repeat} rounds, the models taking turns in each; decode: {steps} steps after the "
             f"prompt; peak memory: one forward in a fresh subprocess, peak RSS above the post-build RSS."
             f"{' (--quick run)' if args.quick else ''}\n\n"
             f"## Targets (ratios measured in this run)\n\n{format_table(target_rows)}\n\n"

@@ -34,8 +34,9 @@ def cmd_zoo(args) -> int:
         model = BMojoForCausalLM(preset_config(member, args.size, backend=args.backend)).eval()
         ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len))
         with torch.no_grad():
+            fwd = time_call(lambda: model(ids, use_cache=False), warmup=1, repeat=3)
             with PeakMemory() as mem:
-                fwd = time_call(lambda: model(ids, use_cache=False), warmup=1, repeat=3)
+                model(ids, use_cache=False)
             prompt = ids[:, : min(16, args.seq_len)]
             model.generate(prompt, max_new_tokens=2, do_sample=False)  # warm-up
             t0 = time.perf_counter()

@@ -9,8 +9,16 @@ import time
 import torch
 
 
-_MMAP_THRESHOLD = 64 * 1024
-_malloc_pinned = False
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc malloc.h)
+
+
+def _glibc():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
 
 
 def _release_freed_heap() -> None:
@@ -18,21 +26,23 @@ def _release_freed_heap() -> None:
 
     glibc raises its mmap threshold after large blocks are freed (up to 32 MiB), after which freed
     tensors stay in the heap and are reused without growing the resident set: a forward run after an
-    evaluation of a larger batch then reads as ~0 MiB. Pinning the threshold (``mallopt``) keeps large
-    tensors in their own mappings, returned on free; ``malloc_trim`` releases what the heap holds now.
-    No-op where glibc is not the allocator.
+    evaluation of a larger batch then reads as ~0 MiB. A low threshold (``mallopt``) puts large tensors
+    in their own mappings, returned on free; ``malloc_trim`` releases what the heap holds now. No-op
+    where glibc is not the allocator.
     """
-    global _malloc_pinned
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        if not _malloc_pinned:
-            libc.mallopt(-3, _MMAP_THRESHOLD)  # M_MMAP_THRESHOLD: fixed, which also stops its dynamic growth
-            _malloc_pinned = True
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
         libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+
+
+def _restore_heap_reuse() -> None:
+    """After a measurement: large blocks back in the heap (the threshold glibc's dynamic rule reaches,
+    32 MiB), so later timings do not pay a page fault per tensor."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 64 * 2**20)
 
 
 def _rss_bytes() -> int | None:
@@ -65,7 +75,8 @@ def _peak_rss_bytes() -> int | None:
 
 
 class PeakMemory:
-    """Peak memory added while the ``with`` block runs, in bytes (``.peak``).
+    """Peak memory added while the ``with`` block runs, in bytes (``.peak``). Measure one call, not a
+    timed loop: on CPU the allocator is set to return memory on free while the block runs.
 
     CUDA: ``torch.cuda.max_memory_allocated`` above the allocation at entry. CPU (Linux): the kernel's
     peak resident set size (VmHWM, reset at entry) above the resident size at entry; where the mark
@@ -114,6 +125,8 @@ class PeakMemory:
             self.peak = max(self._max, _rss_bytes() or 0) - self._base
         elif self._base is not None:
             self.peak = max((_peak_rss_bytes() or 0) - self._base, 0)
+        if self.device.type != "cuda":
+            _restore_heap_reuse()
         return False
 
 
