@@ -337,6 +337,30 @@ def test_torch_backend_uses_fast_implementations():
         "causal_conv1d": "causal_conv1d_torch",
         "causal_conv1d_update": "causal_conv1d_update_torch",
         "bmojo_attention": "bmojo_attention_blocksparse",
+        "attention_decode": "attention_decode_torch",
     }
     for op, name in fast.items():
         assert registry.resolve(op, "torch", torch.device("cpu")).__name__ == name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b, Hq, Hkv, S", [(1, 4, 1, 37), (3, 4, 2, 1), (2, 6, 3, 129), (2, 2, 2, 64)])
+def test_attention_decode_matches_reference(dtype, b, Hq, Hkv, S):
+    """GQA groups as stacked rows over a permuted view of the cache == the reference's repeated heads,
+    with invalid slots (each row keeps at least one valid key) and a non-contiguous cache slice."""
+    from bmojo.ops.attention.decode import attention_decode_torch
+
+    g = torch.Generator().manual_seed(S + Hq)
+    D = 16
+    q = torch.randn(b, Hq, D, generator=g).to(dtype)
+    cache_k = torch.randn(b, S + 5, Hkv, D, generator=g).to(dtype)
+    cache_v = torch.randn(b, S + 5, Hkv, D, generator=g).to(dtype)
+    k, v = cache_k[:, :S], cache_v[:, :S]  # how the growing KV cache is read
+    valid = torch.rand(b, S, generator=g) < 0.7
+    valid[:, 0] = True
+    for va, scale in ((valid, None), (None, 0.3)):
+        want = ops.attention_decode_ref(q, k, v, va, scale=scale)
+        got = attention_decode_torch(q, k, v, va, scale=scale)
+        assert got.dtype == dtype and got.shape == (b, Hq, D)
+        tol = 1e-5 if dtype == torch.float32 else (2e-2 if dtype == torch.bfloat16 else 2e-3)
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)

@@ -258,9 +258,10 @@ def plot(rows: list[dict], out_dir: str) -> list[str]:
     acc = {(r["model"]): (r["memory_floats"], r["mqar_acc"]) for r in rows if r["mqar_acc"] is not None and r["impl"] == "bmojo"}
     if acc:
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        for name, (budget, a) in sorted(acc.items()):
-            ax.scatter([budget], [100 * a], s=60)
-            ax.annotate(name, (budget, 100 * a), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        markers = "osD^v<>PX*"
+        for i, (name, (budget, a)) in enumerate(sorted(acc.items())):  # a legend: shipped models share budgets
+            ax.scatter([budget], [100 * a], s=70, marker=markers[i % len(markers)], alpha=0.8, label=name)
+        ax.legend(fontsize=8)
         ax.set_xscale("log")
         ax.set_xlabel("recurrent memory per layer (floats: SSM state + KV cache + memory slots)")
         ax.set_ylabel("MQAR recall accuracy (%)")
