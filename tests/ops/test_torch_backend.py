@@ -364,3 +364,12 @@ def test_attention_decode_matches_reference(dtype, b, Hq, Hkv, S):
         assert got.dtype == dtype and got.shape == (b, Hq, D)
         tol = 1e-5 if dtype == torch.float32 else (2e-2 if dtype == torch.bfloat16 else 2e-3)
         torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+def test_selective_scan_exp_decays_off_cpu(monkeypatch):
+    """Off CPU the decays are exp(dt A), not exp2 (torch-xla does not lower exp2): that branch, forced
+    here, equals the reference forward and every gradient across chunk boundaries."""
+    from bmojo.ops.selective_scan import chunk
+
+    monkeypatch.setattr(chunk, "_decay_exponent", lambda A: (A, False))
+    _check_scan(_scan_inputs(2, 37, 6, 4, 3, torch.float32, True), torch.float32, 16)
