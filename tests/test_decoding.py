@@ -35,6 +35,30 @@ def test_step_by_step_matches_parallel(stack, rope):
     assert cache.get_seq_length() == T
 
 
+@pytest.mark.parametrize("host_reads", [True, False], ids=["cpu-skip", "tensor-only"])
+def test_memory_merge_paths_match_parallel(host_reads, monkeypatch):
+    """On CPU the step skips the eidetic merge when no row starts a chunk; accelerators take the
+    tensor-only path (merge computed every step, applied where a row starts a chunk). Both equal the
+    parallel forward, with rows at different positions (left padding) so their chunk boundaries fall
+    on different steps."""
+    import bmojo.modeling_bmojo as modeling
+
+    monkeypatch.setattr(modeling, "_host_reads_are_free", lambda device: host_reads)
+    model = _model("bmojo")
+    ids = torch.randint(1, 64, (2, T))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # row 1 starts 3 positions later
+    new = 2 * 8 + 1
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=0)
+        stepped = torch.stack(out.logits, 1)  # (2, new, vocab)
+        for i in range(2):
+            row = out.sequences[i, int(mask[i].eq(0).sum()):]
+            parallel = model(row[None]).logits[0, -new - 1 : -1]
+            torch.testing.assert_close(stepped[i], parallel, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("split", [1, 8, 16, 19])
 @pytest.mark.parametrize("stack", ["bmojo", "mixed"])
 def test_prefill_then_steps_matches_parallel(stack, split):

@@ -182,6 +182,12 @@ class BMojoMambaMixer(nn.Module):
         return self.out_proj(y)
 
 
+def _host_reads_are_free(device: torch.device) -> bool:
+    """Whether decoding may branch on a tensor's value: on CPU it costs nothing; elsewhere it is a
+    device-to-host sync (and a graph break under XLA), so the step stays tensor-ops only."""
+    return device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 class BMojoAttention(nn.Module):
     """Attention over in-context, fading and eidetic memory (SPEC 1.1 steps 2-5).
 
@@ -331,7 +337,8 @@ class BMojoAttention(nn.Module):
         state["k"][rows, slot], state["v"][rows, slot] = k, v
         keys.append(state["k"]), values.append(state["v"])
         valids.append(ring_positions(t, w) >= 0)
-        o = ops.attention_decode(q, torch.cat(keys, 1), torch.cat(values, 1), torch.cat(valids, 1), backend=c.backend)
+        # the rings and slots are read in place as segments (no per-step copy of the cached keys)
+        o = ops.attention_decode(q, tuple(keys), tuple(values), tuple(valids), backend=c.backend)
         return self.o_proj(o.reshape(b, -1))
 
     @staticmethod
@@ -351,19 +358,28 @@ class BMojoAttention(nn.Module):
         candidates, then every row records its token's key, value and innovation as a candidate."""
         w, taps, slots = self.window, self.config.innovation_taps, self.config.memory_slots
         rows = torch.arange(t.shape[0], device=t.device)
-        chunk = (t // w)[:, None]
-        p = ring_positions(t - 1, 2 * w)  # (b, 2w): candidates written so far
-        fresh = (p >= 0) & (p > (chunk - 2) * w) & (p <= (chunk - 1) * w)
-        cand_eps = state["cand_eps"].masked_fill(~fresh, float("-inf"))
-        eps, pos, idx = ops.merge_memory(state["mem_eps"], state["mem_pos"], cand_eps, p.clamp(min=0), slots)
-        gather = idx[:, :, None, None].expand(-1, -1, k.shape[1], k.shape[2])
-        at_boundary = ((t % w == 0) & (t > 0))[:, None]
-        state["mem_k"] = torch.where(at_boundary[..., None, None],
-                                     torch.gather(torch.cat([state["mem_k"], state["cand_k"]], 1), 1, gather), state["mem_k"])
-        state["mem_v"] = torch.where(at_boundary[..., None, None],
-                                     torch.gather(torch.cat([state["mem_v"], state["cand_v"]], 1), 1, gather), state["mem_v"])
-        state["mem_eps"] = torch.where(at_boundary, eps, state["mem_eps"])
-        state["mem_pos"] = torch.where(at_boundary, pos, state["mem_pos"])
+        at_boundary = (t % w == 0) & (t > 0)
+        # tensor ops only (no host sync) on accelerators; on CPU reading the flag is free and skips the
+        # merge on the w - 1 steps of every w where no row starts a chunk
+        if not _host_reads_are_free(t.device) or bool(at_boundary.any()):
+            chunk = (t // w)[:, None]
+            p = ring_positions(t - 1, 2 * w)  # (b, 2w): candidates written so far
+            fresh = (p >= 0) & (p > (chunk - 2) * w) & (p <= (chunk - 1) * w)
+            cand_eps = state["cand_eps"].masked_fill(~fresh, float("-inf"))
+            eps, pos, idx = ops.merge_memory(state["mem_eps"], state["mem_pos"], cand_eps, p.clamp(min=0), slots)
+            # idx points into [slots | candidates]: gather m_e rows from each part, no concatenated copy
+            from_slots = (idx < slots)[:, :, None, None]
+            merge = at_boundary[:, None]
+
+            def pick(mem, cand):
+                g_mem = torch.gather(mem, 1, idx.clamp(max=slots - 1)[:, :, None, None].expand(-1, -1, *mem.shape[2:]))
+                g_cand = torch.gather(cand, 1, (idx - slots).clamp(min=0)[:, :, None, None].expand(-1, -1, *cand.shape[2:]))
+                return torch.where(merge[..., None, None], torch.where(from_slots, g_mem, g_cand), mem)
+
+            state["mem_k"] = pick(state["mem_k"], state["cand_k"])
+            state["mem_v"] = pick(state["mem_v"], state["cand_v"])
+            state["mem_eps"] = torch.where(merge, eps, state["mem_eps"])
+            state["mem_pos"] = torch.where(merge, pos, state["mem_pos"])
         eps_t = ops.innovation_scores(f[:, None], taps, state["f_hist"])[:, 0]
         state["f_hist"] = torch.cat([state["f_hist"][:, 1:], f[:, None].to(state["f_hist"].dtype)], 1)
         slot = t % (2 * w)

@@ -373,3 +373,29 @@ def test_selective_scan_exp_decays_off_cpu(monkeypatch):
 
     monkeypatch.setattr(chunk, "_decay_exponent", lambda A: (A, False))
     _check_scan(_scan_inputs(2, 37, 6, 4, 3, torch.float32, True), torch.float32, 16)
+
+
+def test_attention_decode_segments_equal_the_concatenated_cache():
+    """A cache given as segments (window ring, fading ring, slots) reads like their concatenation, on
+    the torch backend (read in place) and on a backend without segment support (concatenated for it)."""
+    g = torch.Generator().manual_seed(3)
+    b, Hq, Hkv, D = 2, 4, 2, 8
+    sizes = (5, 3, 7)
+    ks = tuple(torch.randn(b, n, Hkv, D, generator=g) for n in sizes)
+    vs = tuple(torch.randn(b, n, Hkv, D, generator=g) for n in sizes)
+    valids = tuple(torch.rand(b, n, generator=g) < 0.6 for n in sizes)
+    valids[0][:, 0] = True
+    q = torch.randn(b, Hq, D, generator=g)
+    want = ops.attention_decode_ref(q, torch.cat(ks, 1), torch.cat(vs, 1), torch.cat(valids, 1))
+    torch.testing.assert_close(ops.attention_decode(q, ks, vs, valids, backend="torch"), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ops.attention_decode(q, ks, vs, None, backend="torch"),
+                               ops.attention_decode_ref(q, torch.cat(ks, 1), torch.cat(vs, 1)), atol=1e-5, rtol=1e-5)
+    ref_backend = lambda q, k, v, valid, scale: ops.attention_decode_ref(q, k, v, valid, scale)  # noqa: E731
+    from unittest import mock
+    with mock.patch.object(ops, "resolve", lambda *a: ref_backend):
+        torch.testing.assert_close(ops.attention_decode(q, ks, vs, valids), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="same number of segments"):
+        ops.attention_decode(q, ks, vs[:2], valids, backend="torch")
+    with pytest.raises(ValueError, match=r"\(2, 3, 2, 8\)"):
+        ops.attention_decode(q, ks, (vs[0], vs[1][:, :, :1].expand(-1, -1, 2, -1).contiguous()[:, :2], vs[2]),
+                             backend="torch")

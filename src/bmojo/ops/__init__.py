@@ -6,6 +6,7 @@ Naive references, the test oracle for every backend, live beside the fast code i
 """
 from __future__ import annotations
 
+import torch
 
 from .attention.naive import attention_decode_ref, bmojo_attention_ref, bmojo_visibility_masks
 from .causal_conv1d.naive import causal_conv1d_ref, causal_conv1d_update_ref
@@ -127,10 +128,26 @@ def bmojo_attention(q, k, v, window=None, k_fading=None, v_fading=None, fading_w
 
 
 def attention_decode(q, k, v, valid=None, scale=None, backend=None):
-    """One query per row over cached keys: q (b, Hq, D); k, v (b, S, Hkv, D); valid (b, S). -> (b, Hq, D)."""
-    _check(q.dim() == 3 and k.dim() == 4 and k.shape[0] == q.shape[0] and k.shape[3] == q.shape[2],
-           f"attention_decode: q must be (b, Hq, D) and k (b, S, Hkv, D), got {tuple(q.shape)} and {tuple(k.shape)}")
+    """One query per row over cached keys: q (b, Hq, D); k, v (b, S, Hkv, D); valid (b, S). -> (b, Hq, D).
+
+    k, v and valid may also be tuples of segments (b, S_i, ...) that together form the S keys, in order
+    (a decoder's window ring, fading ring and memory slots): backends that read segments in place
+    (``fn.segments``) get them as they are, the others get them concatenated.
+    """
+    segmented = isinstance(k, (tuple, list))
+    ks, vs = (tuple(k), tuple(v)) if segmented else ((k,), (v,))
+    _check(len(ks) > 0 and len(vs) == len(ks) and (valid is None or len(valid) == len(ks) if segmented else True),
+           f"attention_decode: k, v (and valid) must have the same number of segments, got {len(ks)}, {len(vs)}"
+           f"{'' if valid is None or not segmented else f', {len(valid)}'}")
+    for ki, vi in zip(ks, vs):
+        _check(q.dim() == 3 and ki.dim() == 4 and ki.shape[0] == q.shape[0] and ki.shape[3] == q.shape[2]
+               and vi.shape == ki.shape and ki.shape[2] == ks[0].shape[2],
+               f"attention_decode: q must be (b, Hq, D) and k, v (b, S, Hkv, D), got {tuple(q.shape)}, "
+               f"{tuple(ki.shape)} and {tuple(vi.shape)}")
     fn = resolve("attention_decode", backend, q.device)
+    if segmented and not getattr(fn, "segments", False):
+        k, v = torch.cat(ks, 1), torch.cat(vs, 1)
+        valid = None if valid is None else torch.cat(tuple(valid), 1)
     return fn(q, k, v, valid, scale)
 
 
