@@ -1,6 +1,7 @@
 """Timing, peak memory and table helpers for benchmarks (figures are measured, never asserted)."""
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import threading
@@ -12,6 +13,7 @@ import torch
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc malloc.h)
 
 
+@functools.lru_cache(maxsize=1)
 def _glibc():
     try:
         import ctypes

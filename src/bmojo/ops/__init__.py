@@ -10,7 +10,7 @@ import torch
 
 from .attention.naive import attention_decode_ref, bmojo_attention_ref, bmojo_visibility_masks
 from .causal_conv1d.naive import causal_conv1d_ref, causal_conv1d_update_ref
-from .innovation.chunk import merge_memory
+from .innovation.chunk import innovation_scores_inplace, merge_memory
 from .innovation.naive import innovation_scores_ref, innovation_select_ref
 from .registry import (
     BACKEND_NAMES,
@@ -136,9 +136,10 @@ def attention_decode(q, k, v, valid=None, scale=None, backend=None):
     """
     segmented = isinstance(k, (tuple, list))
     ks, vs = (tuple(k), tuple(v)) if segmented else ((k,), (v,))
-    _check(len(ks) > 0 and len(vs) == len(ks) and (valid is None or len(valid) == len(ks) if segmented else True),
+    n_valid = len(valid) if segmented and valid is not None else len(ks)
+    _check(len(ks) > 0 and len(vs) == len(ks) == n_valid,
            f"attention_decode: k, v (and valid) must have the same number of segments, got {len(ks)}, {len(vs)}"
-           f"{'' if valid is None or not segmented else f', {len(valid)}'}")
+           f"{f', {n_valid}' if segmented and valid is not None else ''}")
     for ki, vi in zip(ks, vs):
         _check(q.dim() == 3 and ki.dim() == 4 and ki.shape[0] == q.shape[0] and ki.shape[3] == q.shape[2]
                and vi.shape == ki.shape and ki.shape[2] == ks[0].shape[2],
@@ -161,5 +162,7 @@ def innovation_select(f, window, slots, taps, backend=None):
 
 
 def innovation_scores(f, taps, f_history=None):
-    """eps (b, T) fp32 of the fixed mean-of-last-``taps`` predictor; ``f_history`` (b, taps, d) precedes f."""
-    return innovation_scores_ref(f, taps, f_history)
+    """eps (b, T) fp32 of the fixed mean-of-last-``taps`` predictor; ``f_history`` (b, taps, d) precedes f.
+    Not differentiated (selection is not); bitwise equal to ``innovation_scores_ref``, so the decoder's
+    scores and the parallel selection's agree exactly."""
+    return innovation_scores_inplace(f, taps, f_history)
