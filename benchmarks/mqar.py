@@ -21,8 +21,8 @@ decoder keeps for one sequence, averaged over layers:
     bmojo_f            d_inner * N + 2 * (w + m_f) * Hkv * Dh
     bmojo              bmojo_f + 2 * m_e * Hkv * Dh   (the eidetic slots)
 
-It leaves out the Mamba conv state (d_inner * (d_conv - 1)), B'MOJO's innovation taps and candidate
-ring, and slot positions/scores, as the paper's "SSM state + KV cache + memory" count does. With
+It leaves out the Mamba conv state (d_inner * (d_conv - 1)), B'MOJO's innovation taps and scores,
+the window's SSM outputs, the next chunk's slots, and slot positions/scores, as the paper's "SSM state + KV cache + memory" count does. With
 d_inner = 128 and Hkv * Dh = 16, one unit of d_state costs 128 floats and one token of keys+values 32.
 
 Budgets B1 = 4096 and B2 = 8192 floats per layer, filled as each member can (w = 32 throughout):

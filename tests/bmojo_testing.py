@@ -12,3 +12,18 @@ def tiny_config(layer_types, **kw):
     )
     defaults.update(kw)
     return BMojoConfig(**defaults)
+
+
+def lively(model):
+    """Re-draw every linear weight with std fan_in^-1/2, in place, and return the model.
+
+    At mamba-ssm's init the SSM output f is ~1e-4, so fading keys and values barely move the
+    attention and a decoder that mishandled them (wrong slot, wrong RoPE position) would still match
+    the parallel forward. O(1) activations make every branch count."""
+    import torch
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0.0, module.weight.shape[1] ** -0.5)
+    return model

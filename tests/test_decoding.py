@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bmojo import BMojoCache, BMojoForCausalLM
-from bmojo_testing import tiny_config
+from bmojo_testing import lively, tiny_config
 
 STACKS = {
     "attention": ["attention", "attention"],
@@ -18,7 +18,7 @@ T = 4 * 8 + 5  # four windows of w=8 plus a remainder
 
 
 def _model(stack, **kw):
-    return BMojoForCausalLM(tiny_config(STACKS[stack], **kw)).eval()
+    return lively(BMojoForCausalLM(tiny_config(STACKS[stack], **kw))).eval()
 
 
 @pytest.mark.parametrize("rope", [None, 10000.0], ids=["nope", "rope"])
@@ -33,6 +33,29 @@ def test_step_by_step_matches_parallel(stack, rope):
                            for j in range(T)], 1)
     torch.testing.assert_close(steps, parallel, atol=1e-4, rtol=0)
     assert cache.get_seq_length() == T
+
+
+@pytest.mark.parametrize("fading_window", [0, 1, 13], ids=lambda m: f"m_f={m}")
+def test_state_holds_spec_sizes_and_matches_parallel(fading_window):
+    """SPEC 1.3 sizes: rings of w keys/values and w SSM outputs (projected to fading keys as tokens
+    leave the window), m_f fading keys/values, m_e slots for this chunk and the next; no candidate ring.
+    Fading windows shorter and longer than w (=8), with RoPE (fading keys rotate to their own positions)."""
+    model = _model("bmojo", fading_window=fading_window, rope_theta=10000.0)
+    ids = torch.randint(0, 64, (2, T))
+    with torch.no_grad():
+        parallel = model(ids).logits
+        cache = BMojoCache(model.config)
+        head = model(ids[:, :3], past_key_values=cache, use_cache=True).logits
+        steps = [model(ids[:, j : j + 1], past_key_values=cache, use_cache=True).logits for j in range(3, T)]
+    torch.testing.assert_close(torch.cat([head, *steps], 1), parallel, atol=1e-4, rtol=0)
+    c = model.config
+    lengths = {name: x.shape[1] for name, x in cache.layers[0].tensors.items() if x.dim() > 1}
+    expected = {"k": 8, "v": 8, "eps": 8, "f_hist": c.innovation_taps, "mem_k": 3, "mem_v": 3, "mem_eps": 3,
+                "mem_pos": 3, "next_k": 3, "next_v": 3, "next_eps": 3, "next_pos": 3}
+    if fading_window:
+        expected.update(f=8, kf=fading_window, vf=fading_window)
+    mamba = {"conv", "ssm"}
+    assert {n: l for n, l in lengths.items() if n not in mamba} == expected
 
 
 @pytest.mark.parametrize("host_reads", [True, False], ids=["cpu-skip", "tensor-only"])

@@ -6,9 +6,11 @@ cache); every other layer type costs the same per token at position 100 and 100,
 =================== ===========================================================================
 mamba               conv (b, d_inner, d_conv-1), ssm (b, d_inner, N) fp32
 sliding_attention   window ring of keys/values (b, w, Hkv, D)
-bmojo_f             mamba + window ring + fading ring (b, w + m_f, Hkv, D)
-bmojo               bmojo_f + the last ``taps`` SSM outputs, ``m_e`` memory slots (key, value,
-                    eps, position) and a ring of the 2w most recent candidates (key, value, eps)
+bmojo_f             mamba + window ring + the window's SSM outputs (b, w, d) + fading ring
+                    (b, m_f, Hkv, D): a token's fading key/value is projected when it leaves the window
+bmojo               bmojo_f + the last ``taps`` SSM outputs, the window's innovation scores (b, w), and
+                    ``m_e`` memory slots (key, value, eps, position) for this chunk and for the next
+                    (selected from the window ring when this chunk begins, so no candidate ring)
 attention           growing keys/values (b, S, Hkv, D)
 =================== ===========================================================================
 

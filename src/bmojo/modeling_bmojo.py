@@ -276,32 +276,43 @@ class BMojoAttention(nn.Module):
             state["valid"] = torch.ones(k.shape[:2], dtype=torch.bool, device=k.device)
             return
 
-        def ring(x, size):
-            p = ring_positions(torch.tensor([T - 1], device=x.device), size)[0]
+        def ring(x, size, last=T - 1, fill=0):
+            """The ``size`` ring slots after position ``last``: x[p] in slot p % size, ``fill`` where p < 0."""
+            p = ring_positions(torch.tensor([last], device=x.device), size)[0]
             out = x[:, p.clamp(min=0)].clone()
-            out[:, p < 0] = 0
+            out[:, p < 0] = fill
             return out
 
-        w = self.window
+        w, m_f = self.window, self.fading_window
         state["k"], state["v"] = ring(k, w), ring(v, w)
-        if self.use_fading and self.fading_window > 0:
-            state["kf"], state["vf"] = ring(kf, w + self.fading_window), ring(vf, w + self.fading_window)
+        if self.use_fading and m_f > 0:
+            state["f"] = ring(f, w)  # SSM outputs of the window, projected to fading keys as they leave it
+            state["kf"], state["vf"] = ring(kf, m_f, last=T - 1 - w), ring(vf, m_f, last=T - 1 - w)
         if self.use_memory:
-            taps = self.config.innovation_taps
+            taps, slots = self.config.innovation_taps, self.config.memory_slots
             eps = ops.innovation_scores(f, taps)
             f_hist = torch.cat([f.new_zeros(f.shape[0], taps, f.shape[2]), f], dim=1)[:, -taps:]
             state["f_hist"] = f_hist.clone()
-            p = ring_positions(torch.tensor([T - 1], device=f.device), 2 * w)[0]
-            state["cand_k"], state["cand_v"] = ring(k, 2 * w), ring(v, 2 * w)
-            state["cand_eps"] = eps[:, p.clamp(min=0)].masked_fill(p < 0, float("-inf"))
+            state["eps"] = ring(eps, w, fill=float("-inf"))
+            # this chunk's memory (in use) ...
             valid = kw["memory_valid"][:, -1]
-            state["mem_k"], state["mem_v"] = kw["k_memory"][:, -1].clone(), kw["v_memory"][:, -1].clone()
-            state["mem_pos"] = positions[:, -1].clone()
-            state["mem_eps"] = torch.gather(eps, 1, positions[:, -1]).masked_fill(~valid, float("-inf"))
+            mem = dict(k=kw["k_memory"][:, -1].clone(), v=kw["v_memory"][:, -1].clone(), pos=positions[:, -1].clone(),
+                       eps=torch.gather(eps, 1, positions[:, -1]).masked_fill(~valid, float("-inf")))
+            for name, x in mem.items():
+                state["mem_" + name] = x
+            # ... and the next chunk's, selected when this chunk began: + positions ((c-1)w, cw]
+            c = (T - 1) // w
+            lo, hi = max((c - 1) * w + 1, 0), c * w
+            cand_pos = torch.arange(lo, hi + 1, device=k.device).expand(k.shape[0], -1)
+            eps_n, pos_n, idx = ops.merge_memory(mem["eps"], mem["pos"], eps[:, lo : hi + 1], cand_pos, slots)
+            state["next_k"] = _pick_merged(mem["k"], k[:, lo : hi + 1], idx)
+            state["next_v"] = _pick_merged(mem["v"], v[:, lo : hi + 1], idx)
+            state["next_eps"], state["next_pos"] = eps_n, pos_n
 
     # -- recurrent form ------------------------------------------------------------------------
-    def step(self, u: torch.Tensor, t: torch.Tensor, rope, state: LayerState) -> torch.Tensor:
+    def step(self, u: torch.Tensor, t: torch.Tensor, rope, state: LayerState, rope_evicted=None) -> torch.Tensor:
         """One token per row: u (b, d) at positions t (b,) -> (b, d), updating ``state`` in place.
+        ``rope_evicted``: RoPE at positions t - w, for the fading key of the token leaving the window.
 
         Rows may sit at different positions (left-padded batches), so ring slots, validity and chunk
         boundaries are computed per row, with tensor ops only (no host synchronisation)."""
@@ -319,24 +330,24 @@ class BMojoAttention(nn.Module):
             return self.o_proj(o.reshape(b, -1))
 
         w, m_f = self.window, self.fading_window
-        keys, values, valids = [], [], []
+        slot = t % w
+        state["k"][rows, slot], state["v"][rows, slot] = k, v
+        keys, values, valids = [state["k"]], [state["v"]], [ring_positions(t, w) >= 0]
         if self.use_fading:
             f = self.mamba.step(u, state)
             if m_f > 0:
-                kf, vf = self._fading_kv(f[:, None], rope)
-                slot = t % (w + m_f)
-                state["kf"][rows, slot], state["vf"][rows, slot] = kf[:, 0], vf[:, 0]
-                p = ring_positions(t, w + m_f)
+                # position t - w leaves the window: its fading key/value, from the SSM output kept for it
+                evicted = t - w
+                kf, vf = self._fading_kv(state["f"][rows, slot][:, None], rope_evicted)
+                fslot = torch.remainder(evicted, m_f)  # a row still inside its first window writes a slot
+                state["kf"][rows, fslot], state["vf"][rows, fslot] = kf[:, 0], vf[:, 0]  # that stays invalid
+                state["f"][rows, slot] = f
                 keys.append(state["kf"]), values.append(state["vf"])
-                valids.append((p >= 0) & (p <= t[:, None] - w))
+                valids.append(ring_positions(evicted, m_f) >= 0)
         if self.use_memory:
-            self._step_memory(t, f, k, v, state)
+            self._step_memory(t, f, state)
             keys.append(state["mem_k"]), values.append(state["mem_v"])
             valids.append(state["mem_eps"] > float("-inf"))
-        slot = t % w
-        state["k"][rows, slot], state["v"][rows, slot] = k, v
-        keys.append(state["k"]), values.append(state["v"])
-        valids.append(ring_positions(t, w) >= 0)
         # the rings and slots are read in place as segments (no per-step copy of the cached keys)
         o = ops.attention_decode(q, tuple(keys), tuple(values), tuple(valids), backend=c.backend)
         return self.o_proj(o.reshape(b, -1))
@@ -353,37 +364,42 @@ class BMojoAttention(nn.Module):
             x = state[name]
             state[name] = torch.cat([x, x.new_zeros(x.shape[0], extra, *x.shape[2:])], 1)
 
-    def _step_memory(self, t: torch.Tensor, f: torch.Tensor, k, v, state: LayerState) -> None:
-        """Eidetic memory at positions t (b,): rows at the first token of a chunk merge that chunk's
-        candidates, then every row records its token's key, value and innovation as a candidate."""
+    def _step_memory(self, t: torch.Tensor, f: torch.Tensor, state: LayerState) -> None:
+        """Eidetic memory at positions t (b,), after the window ring received the token at t.
+
+        Chunk c's memory (positions <= (c-1)w) is selected when chunk c-1 begins, at t = (c-1)w, from
+        chunk c-1's memory and the w positions then in the window ring, ((c-2)w, (c-1)w]; it waits in
+        the ``next_*`` slots until t = cw. So no candidate is kept beyond the window ring (SPEC 1.3)."""
         w, taps, slots = self.window, self.config.innovation_taps, self.config.memory_slots
-        rows = torch.arange(t.shape[0], device=t.device)
-        at_boundary = (t % w == 0) & (t > 0)
-        # tensor ops only (no host sync) on accelerators; on CPU reading the flag is free and skips the
-        # merge on the w - 1 steps of every w where no row starts a chunk
-        if not _host_reads_are_free(t.device) or bool(at_boundary.any()):
-            chunk = (t // w)[:, None]
-            p = ring_positions(t - 1, 2 * w)  # (b, 2w): candidates written so far
-            fresh = (p >= 0) & (p > (chunk - 2) * w) & (p <= (chunk - 1) * w)
-            cand_eps = state["cand_eps"].masked_fill(~fresh, float("-inf"))
-            eps, pos, idx = ops.merge_memory(state["mem_eps"], state["mem_pos"], cand_eps, p.clamp(min=0), slots)
-            # idx points into [slots | candidates]: gather m_e rows from each part, no concatenated copy
-            from_slots = (idx < slots)[:, :, None, None]
-            merge = at_boundary[:, None]
-
-            def pick(mem, cand):
-                g_mem = torch.gather(mem, 1, idx.clamp(max=slots - 1)[:, :, None, None].expand(-1, -1, *mem.shape[2:]))
-                g_cand = torch.gather(cand, 1, (idx - slots).clamp(min=0)[:, :, None, None].expand(-1, -1, *cand.shape[2:]))
-                return torch.where(merge[..., None, None], torch.where(from_slots, g_mem, g_cand), mem)
-
-            state["mem_k"] = pick(state["mem_k"], state["cand_k"])
-            state["mem_v"] = pick(state["mem_v"], state["cand_v"])
-            state["mem_eps"] = torch.where(merge, eps, state["mem_eps"])
-            state["mem_pos"] = torch.where(merge, pos, state["mem_pos"])
         eps_t = ops.innovation_scores(f[:, None], taps, state["f_hist"])[:, 0]
         state["f_hist"] = torch.cat([state["f_hist"][:, 1:], f[:, None].to(state["f_hist"].dtype)], 1)
-        slot = t % (2 * w)
-        state["cand_k"][rows, slot], state["cand_v"][rows, slot], state["cand_eps"][rows, slot] = k, v, eps_t
+        state["eps"][torch.arange(t.shape[0], device=t.device), t % w] = eps_t
+        at_boundary = t % w == 0
+        # tensor ops only (no host sync) on accelerators; on CPU reading the flag is free and skips the
+        # selection on the w - 1 steps of every w where no row starts a chunk
+        if _host_reads_are_free(t.device) and not bool(at_boundary.any()):
+            return
+        start = at_boundary[:, None]
+        for name in ("k", "v", "eps", "pos"):  # the chunk starting here takes the memory chosen for it
+            cur, nxt = state["mem_" + name], state["next_" + name]
+            state["mem_" + name] = torch.where(start.view(-1, *[1] * (cur.dim() - 1)), nxt, cur)
+        p = ring_positions(t, w)
+        cand_eps = state["eps"].masked_fill(p < 0, float("-inf"))
+        eps, pos, idx = ops.merge_memory(state["mem_eps"], state["mem_pos"], cand_eps, p.clamp(min=0), slots)
+        rows4 = start[:, :, None, None]
+        state["next_k"] = torch.where(rows4, _pick_merged(state["mem_k"], state["k"], idx), state["next_k"])
+        state["next_v"] = torch.where(rows4, _pick_merged(state["mem_v"], state["v"], idx), state["next_v"])
+        state["next_eps"] = torch.where(start, eps, state["next_eps"])
+        state["next_pos"] = torch.where(start, pos, state["next_pos"])
+
+
+def _pick_merged(mem: torch.Tensor, cand: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows of [mem | cand] at idx (b, m), without concatenating: mem (b, m, H, D), cand (b, n, H, D)."""
+    slots = mem.shape[1]
+    expand = (-1, -1, *mem.shape[2:])
+    g_mem = torch.gather(mem, 1, idx.clamp(max=slots - 1)[:, :, None, None].expand(*expand))
+    g_cand = torch.gather(cand, 1, (idx - slots).clamp(min=0)[:, :, None, None].expand(*expand))
+    return torch.where((idx < slots)[:, :, None, None], g_mem, g_cand)
 
 
 class BMojoDecoderLayer(nn.Module):
@@ -420,10 +436,13 @@ class BMojoDecoderLayer(nn.Module):
         mixed = self.mixer(u, state) if self.layer_type == "mamba" else self.mixer(u, rope, state)
         return self._mlp(_residual_add(h, mixed))
 
-    def step(self, h: torch.Tensor, t: torch.Tensor, rope, state: LayerState) -> torch.Tensor:
+    def step(self, h: torch.Tensor, t: torch.Tensor, rope, state: LayerState, rope_evicted=None) -> torch.Tensor:
         """Recurrent form: one token per row, h (b, d) at positions t (b,) -> (b, d)."""
         u, h = self._branch_input(self.input_layernorm, h)
-        mixed = self.mixer.step(u, state) if self.layer_type == "mamba" else self.mixer.step(u, t, rope, state)
+        if self.layer_type == "mamba":
+            mixed = self.mixer.step(u, state)
+        else:
+            mixed = self.mixer.step(u, t, rope, state, rope_evicted)
         return self._mlp(_residual_add(h, mixed))
 
 
@@ -638,14 +657,16 @@ class BMojoModel(BMojoPreTrainedModel):
 
     def _recurrent(self, h, cache, output_hidden_states):
         t = cache.positions
+        fading_rope = self.rotary_emb is not None and any(lt in ("bmojo_f", "bmojo") for lt in self.config.layer_types)
         outs, per_token = [], []
         for j in range(h.shape[1]):
             x = h[:, j]
             rope = self._rope(t[:, None])
+            rope_evicted = self._rope((t - self.config.sliding_window)[:, None]) if fading_rope else None
             hid = []
             for i, layer in enumerate(self.layers):
                 hid.append(x)
-                x = layer.step(x, t, rope, cache.layers[i])
+                x = layer.step(x, t, rope, cache.layers[i], rope_evicted)
             x = self.norm(x)
             hid.append(x)
             outs.append(x)

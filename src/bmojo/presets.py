@@ -138,12 +138,13 @@ def layer_state_nbytes(config: BMojoConfig, layer_type: str, dtype: torch.dtype 
     w = c.sliding_window
     fixed += 2 * w * kv  # ring of the last w keys / values
     if layer_type in ("bmojo_f", "bmojo") and c.effective_fading_window > 0:
-        fixed += 2 * (w + c.effective_fading_window) * kv  # fading keys / values ring
+        fixed += w * c.hidden_size * a  # SSM outputs of the window, projected as they leave it
+        fixed += 2 * c.effective_fading_window * kv  # fading keys / values of the m_f positions before it
     if layer_type == "bmojo":
         m = c.memory_slots
         fixed += c.innovation_taps * c.hidden_size * a  # last k SSM outputs (the predictor's taps)
-        fixed += 2 * (2 * w) * kv + 2 * w * 4  # candidates: keys, values, fp32 eps (ring of 2w)
-        fixed += 2 * m * kv + m * 8 + m * 4  # memory slots: keys, values, int64 position, fp32 eps
+        fixed += w * 4  # fp32 innovation of the window's tokens (the next selection's candidates)
+        fixed += 2 * (2 * m * kv + m * 8 + m * 4)  # this and the next chunk's slots: keys, values, int64 position, fp32 eps
     return fixed, 0
 
 
@@ -163,7 +164,8 @@ def recall_memory_floats(config: BMojoConfig, seq_len: int) -> float:
     attention ``2 T Hkv Dh`` (KV cache); sliding_attention ``2 w Hkv Dh``; mamba ``d_inner N`` (SSM
     state); bmojo_f adds ``2 (w + m_f) Hkv Dh`` to the SSM state; bmojo adds ``2 m_e Hkv Dh`` (eidetic
     slots). Like the paper's "SSM state + KV cache + memory" count it leaves out the conv state, the
-    innovation taps, the candidate ring and slot positions/scores (:func:`state_nbytes` counts them).
+    innovation taps and scores, the window's SSM outputs (kept to project fading keys as tokens leave
+    the window), the next chunk's slots and slot positions/scores (:func:`state_nbytes` counts them).
     """
     kv = 2 * config.num_key_value_heads * config.head_dim
     total = 0
