@@ -167,6 +167,29 @@ def main() -> int:
         return value >= float(bound) if op == ">=" else value <= float(bound)
 
     target_rows = [{"target": t, "at": at, "ratio": v, "goal": g, "met": "yes" if met(v, g) else "NO"} for t, at, v, g in targets]
+
+    # work per token (analytic): what each model could reach at a given FLOP rate
+    from bmojo.presets import forward_flops
+
+    work_rows, flops = [], {}
+    for member, hf in runs:
+        r = results[(member, hf)]
+        f = {T: forward_flops(models[(member, False)].config, T) for T in prefill_T}  # HF twins: same model
+        flops[(member, hf)] = {T: sum(v.values()) / T for T, v in f.items()}
+        row = {"model": r["model"]}
+        row.update({f"MFLOP/token {k} T={T0}": v / T0 / 1e6 for k, v in f[T0].items()})
+        row[f"MFLOP/token T={T0}"] = flops[(member, hf)][T0] / 1e6
+        for T in prefill_T:
+            row[f"GFLOP/s T={T}"] = r[f"prefill tok/s T={T}"] * flops[(member, hf)][T] / 1e9
+        work_rows.append(row)
+    ceiling = flops[("swa", False)][T0] / flops[("bmojo", False)][T0]
+    bmojo_rate = bm[f"prefill tok/s T={T0}"] / sw[f"prefill tok/s T={T0}"]
+    work_text = (
+        f"At swa's FLOP rate and with its selective scan for free, bmojo would run at swa's FLOPs per token / "
+        f"bmojo's = **{ceiling:.2f}x swa** at T={T0}: a bmojo layer is swa's layer (projections, window "
+        f"attention, MLP) plus a Mamba mixer, fading key/value projections and attention over the fading "
+        f"band and the slots. Measured: {bmojo_rate:.2f}x, {bmojo_rate / ceiling:.0%} of that ceiling; the rest is "
+        f"mostly the Mamba mixer's elementwise work (scan, softplus, gates), which is memory bound on CPU.")
     machine = machine_description()
     load = f"load average {load_start[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end"
     if args.cpu_time:
@@ -177,6 +200,8 @@ def main() -> int:
             f"prompt; peak memory: one forward in a fresh subprocess, peak RSS above the post-build RSS."
             f"{' (--quick run)' if args.quick else ''}\n\n"
             f"## Targets (ratios measured in this run)\n\n{format_table(target_rows)}\n\n"
+            f"## Work per token (analytic: `bmojo.presets.forward_flops`) and FLOP rate reached\n\n"
+            f"{format_table(work_rows)}\n\n{work_text}\n\n"
             f"## All figures\n\n{format_table(rows)}\n")
     os.makedirs(RESULTS, exist_ok=True)
     suffix = ("-quick" if args.quick else "") + (f"-{args.threads}thread-cputime" if args.cpu_time else "")

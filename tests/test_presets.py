@@ -115,3 +115,43 @@ def test_recall_memory_floats_is_the_studys_budget():
     assert recall_memory_floats(hybrid, 256) == (128 * 56 + 2 * 32 * 16) / 2 == 4096
     full = BMojoConfig(**base, layer_types=["attention"] * 2)
     assert recall_memory_floats(full, 256) == 2 * 256 * 16 == 8192
+
+
+@pytest.mark.parametrize("layer_type", ["attention", "sliding_attention", "mamba", "bmojo_f", "bmojo"])
+def test_forward_flops_counts_the_models_work(layer_type):
+    """forward_flops (benchmarks/cpu.py's work per token): linear FLOPs equal what the model's Linear
+    modules do in a forward (plus the conv and dt_proj), attention FLOPs the keys the reference's masks
+    and the innovation selection let each query see."""
+    from bmojo import ops
+    from bmojo.ops.attention.naive import bmojo_visibility_masks
+    from bmojo.presets import forward_flops
+    from bmojo_testing import tiny_config
+
+    T = 37
+    config = tiny_config([layer_type, layer_type])
+    model = BMojoForCausalLM(config).eval()
+    linear = []
+    hooks = [m.register_forward_hook(lambda m, i, o: linear.append(2 * i[0].numel() // m.in_features * m.in_features * m.out_features))
+             for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        model(torch.randint(0, 64, (1, T)))
+    for h in hooks:
+        h.remove()
+    got = forward_flops(config, T)
+    has_ssm = layer_type in ("mamba", "bmojo_f", "bmojo")
+    # the depthwise conv, and dt_proj (applied with F.linear on its weight, so no hook fires)
+    extra = 2 * T * config.d_inner * (config.d_conv + config.dt_rank) * has_ssm
+    assert got["linear"] == sum(linear) + 2 * extra  # two layers
+    if layer_type == "mamba":
+        assert got["attention"] == 0 and got["scan"] == 2 * 7 * T * config.d_inner * config.d_state
+        return
+    window = None if layer_type == "attention" else config.sliding_window
+    in_ctx, fading = bmojo_visibility_masks(T, window, config.effective_fading_window)
+    keys = int(in_ctx.sum()) + (int(fading.sum()) if layer_type in ("bmojo_f", "bmojo") else 0)
+    if layer_type == "bmojo":
+        f = torch.randn(1, T, config.hidden_size)
+        _, valid = ops.innovation_select(f, config.sliding_window, config.memory_slots, config.innovation_taps)
+        chunk = torch.arange(T) // config.sliding_window
+        keys += int(valid[0, chunk].sum())
+    hq_hd = config.num_attention_heads * config.head_dim
+    assert got["attention"] == 2 * 4 * hq_hd * keys

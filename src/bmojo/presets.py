@@ -183,6 +183,42 @@ def recall_memory_floats(config: BMojoConfig, seq_len: int) -> float:
     return total / len(config.layer_types)
 
 
+def forward_flops(config: BMojoConfig, seq_len: int) -> dict[str, int]:
+    """Analytic FLOPs of one forward over ``seq_len`` tokens, batch 1 (a multiply-add counts 2).
+
+    ``linear``: every projection, the MLPs, the conv and the LM head. ``attention``: QK^T and PV over
+    exactly the keys each query may see (causal, window, fading band, valid eidetic slots); block
+    kernels compute some masked keys on top. ``scan``: the selective scan's ~7 FLOPs per state element
+    and token (decay, dt x B, a h + u, C h), elementwise work that is memory bound on CPU.
+    Used by benchmarks/cpu.py to state what a model can reach at a given FLOP rate.
+    """
+    c, T = config, seq_len
+    d, hq, hkv, hd = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    t = torch.arange(T, dtype=torch.float64)
+    out = {"linear": 2 * T * d * c.vocab_size, "attention": 0, "scan": 0}
+    for lt in c.layer_types:
+        if lt in ("mamba", "bmojo_f", "bmojo"):
+            di, n, r = c.d_inner, c.d_state, c.dt_rank
+            out["linear"] += 2 * T * (d * 2 * di + di * c.d_conv + di * (r + 2 * n) + r * di + di * d)
+            out["scan"] += 7 * T * di * n
+        if lt != "mamba":
+            out["linear"] += 2 * T * (2 * d * hq * hd + 2 * d * hkv * hd)  # q, o; k, v
+            if lt == "attention":
+                keys = t + 1
+            else:
+                w = c.sliding_window
+                keys = torch.clamp(t + 1, max=w)
+                if lt in ("bmojo_f", "bmojo"):
+                    out["linear"] += 2 * T * 2 * d * hkv * hd  # fading keys / values
+                    keys = keys + torch.clamp(t - w + 1, min=0, max=c.effective_fading_window)
+                if lt == "bmojo":  # chunk c may hold the positions <= (c - 1) w
+                    keys = keys + torch.clamp((t // w - 1) * w + 1, min=0, max=c.memory_slots)
+            out["attention"] += int(2 * 2 * hq * hd * keys.sum().item())
+        if c.intermediate_size > 0:
+            out["linear"] += 2 * T * 3 * d * c.intermediate_size
+    return out
+
+
 # -- presets -------------------------------------------------------------------------------------
 def preset_depth(member: str, size: str) -> int:
     """Number of layers of ``member`` at ``size`` (see the module docstring for the rule)."""
