@@ -35,12 +35,14 @@ def test_step_by_step_matches_parallel(stack, rope):
     assert cache.get_seq_length() == T
 
 
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["keep-f", "keep-kv"])
 @pytest.mark.parametrize("fading_window", [0, 1, 13], ids=lambda m: f"m_f={m}")
-def test_state_holds_spec_sizes_and_matches_parallel(fading_window):
-    """SPEC 1.3 sizes: rings of w keys/values and w SSM outputs (projected to fading keys as tokens
-    leave the window), m_f fading keys/values, m_e slots for this chunk and the next; no candidate ring.
-    Fading windows shorter and longer than w (=8), with RoPE (fading keys rotate to their own positions)."""
-    model = _model("bmojo", fading_window=fading_window, rope_theta=10000.0)
+def test_state_holds_spec_sizes_and_matches_parallel(fading_window, kv_heads):
+    """SPEC 1.3 sizes: a ring of w keys/values, m_f fading keys/values, m_e slots for this chunk and the
+    next (no candidate ring), and for the window's tokens their SSM outputs (d = 32 <= 2 Hkv D = 32) or,
+    when smaller (2 Hkv D = 16), their fading keys/values. Fading windows shorter and longer than w (=8),
+    with RoPE (fading keys rotate to their own positions)."""
+    model = _model("bmojo", fading_window=fading_window, rope_theta=10000.0, num_key_value_heads=kv_heads)
     ids = torch.randint(0, 64, (2, T))
     with torch.no_grad():
         parallel = model(ids).logits
@@ -53,7 +55,8 @@ def test_state_holds_spec_sizes_and_matches_parallel(fading_window):
     expected = {"k": 8, "v": 8, "eps": 8, "f_hist": c.innovation_taps, "mem_k": 3, "mem_v": 3, "mem_eps": 3,
                 "mem_pos": 3, "next_k": 3, "next_v": 3, "next_eps": 3, "next_pos": 3}
     if fading_window:
-        expected.update(f=8, kf=fading_window, vf=fading_window)
+        expected.update(kf=fading_window, vf=fading_window)
+        expected.update(f=8) if kv_heads == 2 else expected.update(kf_window=8, vf_window=8)
     mamba = {"conv", "ssm"}
     assert {n: l for n, l in lengths.items() if n not in mamba} == expected
 

@@ -71,12 +71,15 @@ def test_analytic_parameter_count_matches_the_model(kw):
         assert sum(p.numel() for p in model.model.layers[i].parameters()) == layer_param_count(c, t), t
 
 
+@pytest.mark.parametrize("kv_heads", [None, 1], ids=["mha", "gqa"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("member", MEMBERS)
-def test_analytic_state_size_matches_the_cache(member, dtype):
-    """`bmojo presets` computes state sizes from the config (SPEC 1.3); BMojoCache holds the same."""
+def test_analytic_state_size_matches_the_cache(member, dtype, kv_heads):
+    """`bmojo presets` computes state sizes from the config (SPEC 1.3); BMojoCache holds the same. With
+    GQA (2 Hkv D < d) fading layers keep the window's fading keys/values instead of its SSM outputs."""
     torch.manual_seed(0)
-    c = preset_config(member, "tiny", backend="torch", fading_window=8)
+    gqa = {} if kv_heads is None else {"num_key_value_heads": kv_heads}
+    c = preset_config(member, "tiny", backend="torch", fading_window=8, **gqa)
     model = BMojoForCausalLM(c).to(dtype).eval()
     T = 3 * c.sliding_window + 5  # past the window, the fading window and a chunk boundary
     ids = torch.randint(0, c.vocab_size, (1, T))

@@ -6,8 +6,10 @@ cache); every other layer type costs the same per token at position 100 and 100,
 =================== ===========================================================================
 mamba               conv (b, d_inner, d_conv-1), ssm (b, d_inner, N) fp32
 sliding_attention   window ring of keys/values (b, w, Hkv, D)
-bmojo_f             mamba + window ring + the window's SSM outputs (b, w, d) + fading ring
-                    (b, m_f, Hkv, D): a token's fading key/value is projected when it leaves the window
+bmojo_f             mamba + window ring + fading ring (b, m_f, Hkv, D), and for the window's tokens
+                    whichever is smaller: their SSM outputs (b, w, d), projected to fading keys/values
+                    as they leave the window, or those keys/values (b, w, Hkv, D) x 2, projected on
+                    arrival (:func:`fading_keeps_ssm_outputs`)
 bmojo               bmojo_f + the last ``taps`` SSM outputs, the window's innovation scores (b, w), and
                     ``m_e`` memory slots (key, value, eps, position) for this chunk and for the next
                     (selected from the window ring when this chunk begins, so no candidate ring)
@@ -78,6 +80,12 @@ def ring_positions(t: torch.Tensor, size: int) -> torch.Tensor:
     j = torch.arange(size, device=t.device)
     t = t[:, None]
     return t - torch.remainder(t - j, size)
+
+
+def fading_keeps_ssm_outputs(config) -> bool:
+    """Whether a fading layer's decoder keeps the window's SSM outputs f (d floats per token) rather than
+    their fading keys and values (2 Hkv D): the smaller of the two (f when d <= 2 Hkv D, as without GQA)."""
+    return config.hidden_size <= 2 * config.num_key_value_heads * config.head_dim
 
 
 class BMojoCache(Cache):

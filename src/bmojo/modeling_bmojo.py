@@ -22,7 +22,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from . import ops
-from .cache import BMojoCache, LayerState, ring_positions
+from .cache import BMojoCache, LayerState, fading_keeps_ssm_outputs, ring_positions
 from .checkpoint import validate_checkpoint
 from .configuration_bmojo import BMojoConfig
 
@@ -286,7 +286,10 @@ class BMojoAttention(nn.Module):
         w, m_f = self.window, self.fading_window
         state["k"], state["v"] = ring(k, w), ring(v, w)
         if self.use_fading and m_f > 0:
-            state["f"] = ring(f, w)  # SSM outputs of the window, projected to fading keys as they leave it
+            if fading_keeps_ssm_outputs(self.config):  # the window's SSM outputs, projected as they leave it
+                state["f"] = ring(f, w)
+            else:  # the window's fading keys/values, projected on arrival
+                state["kf_window"], state["vf_window"] = ring(kf, w), ring(vf, w)
             state["kf"], state["vf"] = ring(kf, m_f, last=T - 1 - w), ring(vf, m_f, last=T - 1 - w)
         if self.use_memory:
             taps, slots = self.config.innovation_taps, self.config.memory_slots
@@ -336,12 +339,19 @@ class BMojoAttention(nn.Module):
         if self.use_fading:
             f = self.mamba.step(u, state)
             if m_f > 0:
-                # position t - w leaves the window: its fading key/value, from the SSM output kept for it
+                # position t - w leaves the window and enters the fading ring: its fading key/value is
+                # projected now from its kept SSM output, or was projected on arrival and kept
                 evicted = t - w
-                kf, vf = self._fading_kv(state["f"][rows, slot][:, None], rope_evicted)
+                if fading_keeps_ssm_outputs(c):
+                    kf, vf = self._fading_kv(state["f"][rows, slot][:, None], rope_evicted)
+                    kf, vf = kf[:, 0], vf[:, 0]
+                    state["f"][rows, slot] = f
+                else:
+                    kf, vf = state["kf_window"][rows, slot], state["vf_window"][rows, slot]
+                    kf_t, vf_t = self._fading_kv(f[:, None], rope)
+                    state["kf_window"][rows, slot], state["vf_window"][rows, slot] = kf_t[:, 0], vf_t[:, 0]
                 fslot = torch.remainder(evicted, m_f)  # a row still inside its first window writes a slot
-                state["kf"][rows, fslot], state["vf"][rows, fslot] = kf[:, 0], vf[:, 0]  # that stays invalid
-                state["f"][rows, slot] = f
+                state["kf"][rows, fslot], state["vf"][rows, fslot] = kf, vf  # that stays invalid
                 keys.append(state["kf"]), values.append(state["vf"])
                 valids.append(ring_positions(evicted, m_f) >= 0)
         if self.use_memory:

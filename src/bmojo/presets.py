@@ -46,6 +46,7 @@ import sys
 
 import torch
 
+from .cache import fading_keeps_ssm_outputs
 from .configuration_bmojo import BMojoConfig
 
 MEMBERS = ("transformer", "swa", "mamba", "hybrid", "bmojo-f", "bmojo")
@@ -138,7 +139,8 @@ def layer_state_nbytes(config: BMojoConfig, layer_type: str, dtype: torch.dtype 
     w = c.sliding_window
     fixed += 2 * w * kv  # ring of the last w keys / values
     if layer_type in ("bmojo_f", "bmojo") and c.effective_fading_window > 0:
-        fixed += w * c.hidden_size * a  # SSM outputs of the window, projected as they leave it
+        # the window's SSM outputs, or their fading keys/values, whichever is smaller
+        fixed += w * c.hidden_size * a if fading_keeps_ssm_outputs(c) else 2 * w * kv
         fixed += 2 * c.effective_fading_window * kv  # fading keys / values of the m_f positions before it
     if layer_type == "bmojo":
         m = c.memory_slots
