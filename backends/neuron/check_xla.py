@@ -3,7 +3,9 @@
 On ``PJRT_DEVICE=CPU`` it trains a small model mixing every layer type for a few steps at two sequence
 lengths and asserts what Trainium training needs from the graph (torch-neuronx runs the same lazy-tensor
 machinery): after the first step of each shape no new graph is compiled, and nothing forces a device to
-host sync (``aten::_local_scalar_dense``, i.e. ``.item()`` / data-dependent Python control flow).
+host sync (``aten::_local_scalar_dense``, i.e. ``.item()`` / data-dependent Python control flow). Then
+it decodes greedily through the fixed-size state and asserts the same of the decoding step, and that
+its logits equal the CPU's.
 
 Without the Neuron SDK the ``neuron`` backend is unavailable, so the ops run through the torch backend
 under XLA (the registry warns once); on a Trainium host the same script exercises the NKI kernels.
@@ -66,6 +68,7 @@ def main() -> int:
     if syncs:
         ok = False
         print("FAIL: device-to-host syncs inside the training step")
+    ok &= check_decoding(cfg, dev, sync, compiles, met)
     fallbacks = {n: met.counter_value(n) for n in met.counter_names()
                  if n.startswith("aten::") and n != "aten::_local_scalar_dense"}
     if fallbacks:  # ops XLA does not lower run on the host: graph breaks and transfers every step
@@ -78,6 +81,55 @@ def main() -> int:
     print(met.short_metrics_report())
     print("OK" if ok else "FAILED")
     return 0 if ok else 1
+
+
+def check_decoding(train_cfg, dev, sync, compiles, met) -> bool:
+    """Greedy decoding through the fixed-size state (every layer type but ``attention``, whose KV cache
+    grows and so changes shape each step): after the first steps no new graph, no host sync, across
+    chunk boundaries (w = 16, 40 steps), and the logits equal the same model's on the CPU."""
+    import torch
+
+    from bmojo import BMojoCache, BMojoConfig, BMojoForCausalLM
+
+    types = ["bmojo", "mamba", "sliding_attention", "bmojo_f"]
+    cfg = BMojoConfig(**{**train_cfg.to_dict(), "layer_types": types, "num_hidden_layers": len(types)})
+    torch.manual_seed(1)
+    cpu_model = BMojoForCausalLM(cfg).eval()
+    model = BMojoForCausalLM(cfg).eval()
+    model.load_state_dict(cpu_model.state_dict())
+    model.to(dev)
+    prompt = torch.randint(0, cfg.vocab_size, (2, 21))
+    steps, counts, outs = 40, [], {}
+    syncs_before = met.counter_value("aten::_local_scalar_dense") or 0
+    with torch.no_grad():
+        for name, m, device in (("xla", model, dev), ("cpu", cpu_model, torch.device("cpu"))):
+            cache = BMojoCache(cfg)
+            logits = m(prompt.to(device), past_key_values=cache, use_cache=True).logits[:, -1:]
+            tok, seen = logits.argmax(-1), [logits]
+            for _ in range(steps):
+                logits = m(tok, past_key_values=cache, use_cache=True).logits
+                tok = logits.argmax(-1)
+                seen.append(logits)
+                if name == "xla":
+                    sync()
+                    counts.append(compiles())
+            outs[name] = torch.cat(seen, 1)
+    syncs = (met.counter_value("aten::_local_scalar_dense") or 0) - syncs_before
+    grew = [b - a for a, b in zip(counts[2:], counts[3:])]
+    diff = float((outs["xla"].cpu() - outs["cpu"]).abs().max())
+    print(f"decoding: compiles after each step {counts}; new compiles after step 3: {sum(grew)}; "
+          f"host syncs: {syncs}; max |logits xla - cpu| over {steps} steps: {diff:.2e}")
+    ok = True
+    if any(grew):
+        ok = False
+        print("FAIL: decoding recompiled after its first steps")
+    if syncs:
+        ok = False
+        print("FAIL: device-to-host syncs inside the decoding step")
+    if not diff < 1e-3:
+        ok = False
+        print("FAIL: decoding on XLA differs from the CPU")
+    return ok
 
 
 if __name__ == "__main__":

@@ -277,11 +277,12 @@ class BMojoAttention(nn.Module):
             return
 
         def ring(x, size, last=T - 1, fill=0):
-            """The ``size`` ring slots after position ``last``: x[p] in slot p % size, ``fill`` where p < 0."""
-            p = ring_positions(torch.tensor([last], device=x.device), size)[0]
-            out = x[:, p.clamp(min=0)].clone()
-            out[:, p < 0] = fill
-            return out
+            """The ``size`` ring slots after position ``last``: x[p] in slot p % size, ``fill`` where p < 0.
+            (Positions are known on the host; a where, not a boolean-mask write, so XLA needs no nonzero.)"""
+            p = ring_positions(torch.tensor([last]), size)[0]
+            out = x[:, p.clamp(min=0).to(x.device)]
+            empty = (p < 0).to(x.device).view(1, size, *[1] * (x.dim() - 2))
+            return torch.where(empty, torch.full((), fill, dtype=x.dtype, device=x.device), out)
 
         w, m_f = self.window, self.fading_window
         state["k"], state["v"] = ring(k, w), ring(v, w)
