@@ -73,19 +73,28 @@ def memory_point(member: str, hf: bool, T: int) -> float:
 CLOCK = time.perf_counter  # --cpu-time switches to time.process_time
 
 
-def decode_rate(model, prompt: int, steps: int) -> float:
-    is_hf_mamba = type(model).__name__ == "MambaForCausalLM"
-    ids = torch.randint(0, 512, (1, prompt))
+def decode_rates(models: dict, prompts: list[int], steps: int, rounds: int) -> dict:
+    """Decode tokens/s per (run, prompt length). Every model first takes each prompt (and one untimed
+    step); then the models take turns, ``steps`` greedy steps each per round, as for prefill, so a
+    change of machine load hits them alike; the median round counts."""
+    states = {}
     with torch.no_grad():
-        out = model(ids, use_cache=True)
-        cache = out.cache_params if is_hf_mamba else out.past_key_values
-        kw = {"cache_params": cache} if is_hf_mamba else {"past_key_values": cache}
-        nxt = out.logits[:, -1:].argmax(-1)
-        out = model(nxt, use_cache=True, **kw)
-        t0 = CLOCK()
-        for _ in range(steps):
-            out = model(out.logits[:, -1:].argmax(-1), use_cache=True, **kw)
-        return steps / (CLOCK() - t0)
+        for run, model in models.items():
+            hf_mamba = type(model).__name__ == "MambaForCausalLM"
+            for P in prompts:
+                out = model(torch.randint(0, 512, (1, P)), use_cache=True)
+                kw = {"cache_params": out.cache_params} if hf_mamba else {"past_key_values": out.past_key_values}
+                states[(run, P)] = [model(out.logits[:, -1:].argmax(-1), use_cache=True, **kw), kw]
+        times = {key: [] for key in states}
+        for _ in range(rounds):
+            for (run, P), state in states.items():
+                out, kw = state
+                t0 = CLOCK()
+                for _ in range(steps):
+                    out = models[run](out.logits[:, -1:].argmax(-1), use_cache=True, **kw)
+                times[(run, P)].append(CLOCK() - t0)
+                state[0] = out
+    return {key: steps / sorted(ts)[len(ts) // 2] for key, ts in times.items()}
 
 
 def main() -> int:
@@ -110,7 +119,7 @@ def main() -> int:
     prefill_T = [512, 1024] if args.quick else [2048, 8192]
     prompts = [64, 1024] if args.quick else [256, 16384]
     mem_T = [1024, 2048, 4096] if args.quick else [2048, 4096, 8192, 16384, 32768]
-    steps, repeat = (8, 1) if args.quick else (32, 5)
+    steps, repeat = (8, 1) if args.quick else (16, 5)
     runs = [(m, False) for m in MEMBERS] + [("mamba", True), ("transformer", True)]
 
     def name(member, hf):
@@ -135,13 +144,13 @@ def main() -> int:
                     times[run].append(CLOCK() - t0)
         for run in runs:
             prefill[run][T] = T / sorted(times[run])[len(times[run]) // 2]
+    decode = decode_rates(models, prompts, steps, repeat)
     for member, hf in runs:
-        model = models[(member, hf)]
         r = {"model": name(member, hf)}
         for T in prefill_T:
             r[f"prefill tok/s T={T}"] = prefill[(member, hf)][T]
         for P in prompts:
-            r[f"decode tok/s after {P}"] = decode_rate(model, P, steps)
+            r[f"decode tok/s after {P}"] = decode[((member, hf), P)]
         for T in mem_T:
             out = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--memory-point", member,
                                   "1" if hf else "0", str(T)], capture_output=True, text=True, check=True)
@@ -196,8 +205,8 @@ def main() -> int:
         load += "; timed in process CPU time (not wall time) because the machine was shared"
     text = (f"# CPU benchmark: torch backend vs transformers\n\n"
             f"Machine: {machine}; torch threads: {args.threads}; {load}. d_model 256, 4 layers, vocab 512, window 512, "
-            f"64 eidetic slots, batch 1, fp32. Prefill: median of {repeat} rounds, the models taking turns in each; decode: {steps} steps after the "
-            f"prompt; peak memory: one forward in a fresh subprocess, peak RSS above the post-build RSS."
+            f"64 eidetic slots, batch 1, fp32. Prefill and decode: median of {repeat} rounds, the models taking turns in each (decode: "
+            f"{steps} greedy steps per round after the prompt); peak memory: one forward in a fresh subprocess, peak RSS above the post-build RSS."
             f"{' (--quick run)' if args.quick else ''}\n\n"
             f"## Targets (ratios measured in this run)\n\n{format_table(target_rows)}\n\n"
             f"## Work per token (analytic: `bmojo.presets.forward_flops`) and FLOP rate reached\n\n"

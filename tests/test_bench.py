@@ -68,3 +68,21 @@ def test_peak_memory_counts_a_forward_run_after_a_larger_one():
             model(torch.randint(0, 512, (1, 1024)), use_cache=False)
     logits = 1024 * 512 * 4
     assert mem.peak >= logits, mem.peak / 2**20
+
+
+def test_cpu_benchmark_interleaved_decode_rates():
+    """benchmarks/cpu.py's interleaved decode timing runs for bmojo and transformers' Mamba (whose
+    cache is passed differently) and gives one positive rate per (model, prompt)."""
+    import importlib.util
+
+    from bmojo.bench.baselines import hf_baseline
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "cpu.py")
+    spec = importlib.util.spec_from_file_location("bench_cpu", path)
+    cpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cpu)
+    bm = BMojoForCausalLM(preset_config("bmojo", "tiny", vocab_size=512)).eval()
+    hf = hf_baseline(BMojoForCausalLM(preset_config("mamba", "tiny", vocab_size=512)).eval())
+    rates = cpu.decode_rates({"bmojo": bm, "hf": hf}, prompts=[5, 9], steps=2, rounds=3)
+    assert sorted(rates) == sorted([("bmojo", 5), ("bmojo", 9), ("hf", 5), ("hf", 9)])
+    assert all(r > 0 for r in rates.values())
