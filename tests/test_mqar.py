@@ -138,3 +138,29 @@ def test_shipped_checkpoint_reaches_recorded_accuracy(member):
     got = evaluate(model, data.inputs, data.labels, batch_size=100)
     assert got["total"] == record["total"]
     assert got["accuracy"] >= record["accuracy"] - 0.01, (member, got, record["accuracy"])
+
+
+def test_study_long_runs_reuse_each_members_learning_rate(tmp_path):
+    """benchmarks/mqar.py --long-steps: the SSM-bearing members at B1, K = 1 with the study's best lr,
+    and the report's longer-training table compares them with the same run at the study's length."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "mqar.py")
+    spec = importlib.util.spec_from_file_location("bench_mqar", path)
+    mqar = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mqar)
+    cache = {"runs": {}}
+    for member, good_lr in (("mamba", 1e-2), ("hybrid", 3e-3), ("bmojo-f", 3e-3), ("bmojo", 1e-2)):
+        for lr in mqar.LRS:
+            s = mqar.run_spec(member, "B1", 1, lr, 240, 16)
+            cache["runs"][s["name"]] = dict(s, accuracy=0.9 if lr == good_lr else 0.1, eval_loss=1.0, acc_near=0.9,
+                                            acc_far=0.9, train_loss_last=1.0, wall_s=60.0)
+    long = mqar.long_specs(cache, 240, 16, 1200)
+    assert [(s["member"], s["lr"], s["steps"], s["budget"], s["kv"]) for s in long] == [
+        ("mamba", 1e-2, 1200, "B1", 1), ("hybrid", 3e-3, 1200, "B1", 1), ("bmojo-f", 3e-3, 1200, "B1", 1),
+        ("bmojo", 1e-2, 1200, "B1", 1)]
+    cache["runs"][long[0]["name"]] = dict(long[0], accuracy=0.5, eval_loss=2.0, acc_near=0.6, acc_far=0.4,
+                                          train_loss_last=2.0, wall_s=600.0,
+                                          learned_at=mqar.learned_at([{"step": 10, "loss": 3.5}, {"step": 20, "loss": 0.9}]))
+    table = "\n".join(mqar._long_section(cache, 240, 16))
+    assert "| mamba | 1200 | 0.01 | 50.0 | 60.0 | 40.0 | 2.000 | 20 | 90.0 | 10.0 min |" in table
