@@ -155,7 +155,8 @@ def test_study_long_runs_reuse_each_members_learning_rate(tmp_path):
             s = mqar.run_spec(member, "B1", 1, lr, 240, 16)
             cache["runs"][s["name"]] = dict(s, accuracy=0.9 if lr == good_lr else 0.1, eval_loss=1.0, acc_near=0.9,
                                             acc_far=0.9, train_loss_last=1.0, wall_s=60.0)
-    long = mqar.long_specs(cache, 240, 16, 1200)
+    assert mqar.long_specs(cache, 240, 16, 1200, kvs=(1, 4))[1]["kv"] == 4
+    long = mqar.long_specs(cache, 240, 16, 1200)  # no transformer run cached: no lr, so not run
     assert [(s["member"], s["lr"], s["steps"], s["budget"], s["kv"]) for s in long] == [
         ("mamba", 1e-2, 1200, "B1", 1), ("hybrid", 3e-3, 1200, "B1", 1), ("bmojo-f", 3e-3, 1200, "B1", 1),
         ("bmojo", 1e-2, 1200, "B1", 1)]
@@ -163,4 +164,4 @@ def test_study_long_runs_reuse_each_members_learning_rate(tmp_path):
                                           train_loss_last=2.0, wall_s=600.0,
                                           learned_at=mqar.learned_at([{"step": 10, "loss": 3.5}, {"step": 20, "loss": 0.9}]))
     table = "\n".join(mqar._long_section(cache, 240, 16))
-    assert "| mamba | 1200 | 0.01 | 50.0 | 60.0 | 40.0 | 2.000 | 20 | 90.0 | 10.0 min |" in table
+    assert "| 1 | mamba | 1200 | 0.01 | 50.0 | 60.0 | 40.0 | 2.000 | 20 | 90.0 | 10.0 min |" in table
