@@ -41,6 +41,27 @@ def _env():
     return env
 
 
+def _torchrun(args, out_dir):
+    """torchrun with 2 gloo ranks. One full SIGABRT of a rank was seen in ~10 full-suite runs on a shared
+    2-core machine (not reproduced in 12 runs of this test alone; its log was lost to truncation): such a
+    run is retried once from scratch, loudly (a warning with the first attempt's stderr), so a real fault,
+    which fails twice, still fails the test."""
+    import shutil
+    import warnings
+
+    def once():
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), *args]
+        return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+
+    r = once()
+    if r.returncode != 0 and "SIGABRT" in r.stderr:
+        warnings.warn(f"torchrun rank aborted (SIGABRT); retrying once. stderr tail:\n{r.stderr[-4000:]}")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        r = once()
+    return r
+
+
 def _losses(out):
     with open(os.path.join(out, "log.jsonl")) as fh:
         return [r["loss"] for r in map(json.loads, fh) if "loss" in r]
@@ -53,9 +74,7 @@ def test_two_process_step_matches_one_process(tmp_path, mode, accum):
     cfg = _cfg(tmp_path / mode, steps=2, distributed=mode, grad_accum=accum)
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(json.dumps(cfg.to_dict()))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "bmojo.cli", "train", "--config", str(cfg_file)]
-    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    r = _torchrun(["-m", "bmojo.cli", "train", "--config", str(cfg_file)], tmp_path / mode)
     assert r.returncode == 0, r.stderr[-3000:]
     assert load_trainer_state(latest_checkpoint(str(tmp_path / mode)))["world_size"] == 2
     torch.testing.assert_close(_losses(tmp_path / mode), [h["loss"] for h in one["history"]], rtol=1e-5, atol=1e-6)
