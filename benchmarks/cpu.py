@@ -73,6 +73,29 @@ def memory_point(member: str, hf: bool, T: int) -> float:
 CLOCK = time.perf_counter  # --cpu-time switches to time.process_time
 
 
+def _median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+def prefill_rates(models: dict, lengths: list[int], rounds: int) -> dict:
+    """Prefill tokens/s per (run, T): after one warm-up forward each, the models take turns in every
+    round, so a change of machine load hits every model alike; the median round counts."""
+    rates = {}
+    for T in lengths:
+        ids = torch.randint(0, 512, (1, T))
+        times = {run: [] for run in models}
+        with torch.no_grad():
+            for model in models.values():
+                model(ids, use_cache=False)  # warm-up
+            for _ in range(rounds):
+                for run, model in models.items():
+                    t0 = CLOCK()
+                    model(ids, use_cache=False)
+                    times[run].append(CLOCK() - t0)
+        rates.update({(run, T): T / _median(ts) for run, ts in times.items()})
+    return rates
+
+
 def decode_rates(models: dict, prompts: list[int], steps: int, rounds: int) -> dict:
     """Decode tokens/s per (run, prompt length). Every model first takes each prompt (and one untimed
     step); then the models take turns, ``steps`` greedy steps each per round, as for prefill, so a
@@ -94,7 +117,7 @@ def decode_rates(models: dict, prompts: list[int], steps: int, rounds: int) -> d
                     out = models[run](out.logits[:, -1:].argmax(-1), use_cache=True, **kw)
                 times[(run, P)].append(CLOCK() - t0)
                 state[0] = out
-    return {key: steps / sorted(ts)[len(ts) // 2] for key, ts in times.items()}
+    return {key: steps / _median(ts) for key, ts in times.items()}
 
 
 def main() -> int:
@@ -128,27 +151,12 @@ def main() -> int:
     load_start = os.getloadavg()
     rows, results = [], {}
     models = {run: build(*run) for run in runs}
-    # prefill: the models take turns within each round, so a change of machine load hits every model
-    # alike and the target ratios compare figures taken side by side
-    prefill = {run: {} for run in runs}
-    for T in prefill_T:
-        ids = torch.randint(0, 512, (1, T))
-        times = {run: [] for run in runs}
-        with torch.no_grad():
-            for model in models.values():
-                model(ids, use_cache=False)  # warm-up
-            for _ in range(repeat):
-                for run, model in models.items():
-                    t0 = CLOCK()
-                    model(ids, use_cache=False)
-                    times[run].append(CLOCK() - t0)
-        for run in runs:
-            prefill[run][T] = T / sorted(times[run])[len(times[run]) // 2]
+    prefill = prefill_rates(models, prefill_T, repeat)
     decode = decode_rates(models, prompts, steps, repeat)
     for member, hf in runs:
         r = {"model": name(member, hf)}
         for T in prefill_T:
-            r[f"prefill tok/s T={T}"] = prefill[(member, hf)][T]
+            r[f"prefill tok/s T={T}"] = prefill[((member, hf), T)]
         for P in prompts:
             r[f"decode tok/s after {P}"] = decode[((member, hf), P)]
         for T in mem_T:

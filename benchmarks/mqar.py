@@ -221,8 +221,13 @@ def run_all(specs: list[dict], cache: dict, workdir: str, workers: int) -> None:
                   f"{r['wall_s']:.0f} s", flush=True)
 
 
+def _small_budget(member: str) -> str:
+    """The budget of a member's learning-rate sweep (and longer runs): B1, or "-" for attention alone."""
+    return "-" if member in ("transformer", "swa") else "B1"
+
+
 def best_lr(cache: dict, member: str, steps: int, batch: int) -> float | None:
-    budget = "-" if member in ("transformer", "swa") else "B1"
+    budget = _small_budget(member)
     rows = [cache["runs"].get(run_spec(member, budget, SWEEP_KV, lr, steps, batch)["name"]) for lr in LRS]
     rows = [r for r in rows if r is not None]
     if not rows:
@@ -259,10 +264,6 @@ def stage_specs(cache: dict, steps: int, batch: int, full: bool = False) -> tupl
 LONG_MEMBERS = ("transformer", "mamba", "hybrid", "bmojo-f", "bmojo")
 
 
-def _long_budget(member: str) -> str:
-    return "-" if member in ("transformer", "swa") else "B1"
-
-
 def long_specs(cache: dict, steps: int, batch: int, long_steps: int, kvs=(SWEEP_KV,)) -> list[dict]:
     """The longer-training check: the transformer (reference) and each SSM-bearing member at B1, with K in
     ``kvs`` and the member's learning rate from the study, trained for ``long_steps`` instead of ``steps``
@@ -271,13 +272,13 @@ def long_specs(cache: dict, steps: int, batch: int, long_steps: int, kvs=(SWEEP_
     for m in LONG_MEMBERS:
         lr = best_lr(cache, m, steps, batch)
         if lr is not None:
-            out += [run_spec(m, _long_budget(m), kv, lr, long_steps, batch) for kv in kvs]
+            out += [run_spec(m, _small_budget(m), kv, lr, long_steps, batch) for kv in kvs]
     return out
 
 
 def _long_section(cache: dict, steps: int, batch: int) -> list[str]:
     rows = [r for r in cache["runs"].values() if r["steps"] != steps and r["batch"] == batch and not r["tag"]
-            and r["member"] in LONG_MEMBERS and r["budget"] == _long_budget(r["member"])]
+            and r["member"] in LONG_MEMBERS and r["budget"] == _small_budget(r["member"])]
     if not rows:
         return []
     rows.sort(key=lambda r: (r["kv"], r["steps"], LONG_MEMBERS.index(r["member"])))

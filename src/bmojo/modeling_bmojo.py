@@ -207,6 +207,8 @@ class BMojoAttention(nn.Module):
         self.use_fading = self.layer_type in ("bmojo_f", "bmojo")
         self.use_memory = self.layer_type == "bmojo"
         self.fading_window = config.effective_fading_window if self.use_fading else 0
+        # decoding keeps, for the window's tokens, their SSM outputs or their fading keys/values (the smaller)
+        self.keeps_ssm_outputs = fading_keeps_ssm_outputs(config)
         d, bias = config.hidden_size, config.attention_bias
         self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
@@ -287,13 +289,13 @@ class BMojoAttention(nn.Module):
         w, m_f = self.window, self.fading_window
         state["k"], state["v"] = ring(k, w), ring(v, w)
         if self.use_fading and m_f > 0:
-            if fading_keeps_ssm_outputs(self.config):  # the window's SSM outputs, projected as they leave it
+            if self.keeps_ssm_outputs:  # the window's SSM outputs, projected as they leave it
                 state["f"] = ring(f, w)
             else:  # the window's fading keys/values, projected on arrival
                 state["kf_window"], state["vf_window"] = ring(kf, w), ring(vf, w)
             state["kf"], state["vf"] = ring(kf, m_f, last=T - 1 - w), ring(vf, m_f, last=T - 1 - w)
         if self.use_memory:
-            taps, slots = self.config.innovation_taps, self.config.memory_slots
+            taps = self.config.innovation_taps
             eps = ops.innovation_scores(f, taps)
             f_hist = torch.cat([f.new_zeros(f.shape[0], taps, f.shape[2]), f], dim=1)[:, -taps:]
             state["f_hist"] = f_hist.clone()
@@ -308,10 +310,9 @@ class BMojoAttention(nn.Module):
             c = (T - 1) // w
             lo, hi = max((c - 1) * w + 1, 0), c * w
             cand_pos = torch.arange(lo, hi + 1, device=k.device).expand(k.shape[0], -1)
-            eps_n, pos_n, idx = ops.merge_memory(mem["eps"], mem["pos"], eps[:, lo : hi + 1], cand_pos, slots)
-            state["next_k"] = _pick_merged(mem["k"], k[:, lo : hi + 1], idx)
-            state["next_v"] = _pick_merged(mem["v"], v[:, lo : hi + 1], idx)
-            state["next_eps"], state["next_pos"] = eps_n, pos_n
+            nxt = self._select_slots(mem, k[:, lo : hi + 1], v[:, lo : hi + 1], eps[:, lo : hi + 1], cand_pos)
+            for name, x in nxt.items():
+                state["next_" + name] = x
 
     # -- recurrent form ------------------------------------------------------------------------
     def step(self, u: torch.Tensor, t: torch.Tensor, rope, state: LayerState, rope_evicted=None) -> torch.Tensor:
@@ -343,7 +344,7 @@ class BMojoAttention(nn.Module):
                 # position t - w leaves the window and enters the fading ring: its fading key/value is
                 # projected now from its kept SSM output, or was projected on arrival and kept
                 evicted = t - w
-                if fading_keeps_ssm_outputs(c):
+                if self.keeps_ssm_outputs:
                     kf, vf = self._fading_kv(state["f"][rows, slot][:, None], rope_evicted)
                     kf, vf = kf[:, 0], vf[:, 0]
                     state["f"][rows, slot] = f
@@ -356,7 +357,7 @@ class BMojoAttention(nn.Module):
                 keys.append(state["kf"]), values.append(state["vf"])
                 valids.append(ring_positions(evicted, m_f) >= 0)
         if self.use_memory:
-            self._step_memory(t, f, state)
+            self._step_memory(t, rows, f, state)
             keys.append(state["mem_k"]), values.append(state["mem_v"])
             valids.append(state["mem_eps"] > float("-inf"))
         # the rings and slots are read in place as segments (no per-step copy of the cached keys)
@@ -375,33 +376,39 @@ class BMojoAttention(nn.Module):
             x = state[name]
             state[name] = torch.cat([x, x.new_zeros(x.shape[0], extra, *x.shape[2:])], 1)
 
-    def _step_memory(self, t: torch.Tensor, f: torch.Tensor, state: LayerState) -> None:
+    def _select_slots(self, mem: dict, cand_k, cand_v, cand_eps, cand_pos) -> dict:
+        """The ``m_e`` best of the slots ``mem`` (k, v, eps, pos) and candidates (b, n, ...) by innovation
+        (SPEC 1.1 step 4), gathered without concatenating keys and values."""
+        eps, pos, idx = ops.merge_memory(mem["eps"], mem["pos"], cand_eps, cand_pos, self.config.memory_slots)
+        return dict(k=_pick_merged(mem["k"], cand_k, idx), v=_pick_merged(mem["v"], cand_v, idx), eps=eps, pos=pos)
+
+    def _step_memory(self, t: torch.Tensor, rows: torch.Tensor, f: torch.Tensor, state: LayerState) -> None:
         """Eidetic memory at positions t (b,), after the window ring received the token at t.
 
         Chunk c's memory (positions <= (c-1)w) is selected when chunk c-1 begins, at t = (c-1)w, from
         chunk c-1's memory and the w positions then in the window ring, ((c-2)w, (c-1)w]; it waits in
         the ``next_*`` slots until t = cw. So no candidate is kept beyond the window ring (SPEC 1.3)."""
-        w, taps, slots = self.window, self.config.innovation_taps, self.config.memory_slots
+        w, taps = self.window, self.config.innovation_taps
         eps_t = ops.innovation_scores(f[:, None], taps, state["f_hist"])[:, 0]
         state["f_hist"] = torch.cat([state["f_hist"][:, 1:], f[:, None].to(state["f_hist"].dtype)], 1)
-        state["eps"][torch.arange(t.shape[0], device=t.device), t % w] = eps_t
+        state["eps"][rows, t % w] = eps_t
         at_boundary = t % w == 0
         # tensor ops only (no host sync) on accelerators; on CPU reading the flag is free and skips the
         # selection on the w - 1 steps of every w where no row starts a chunk
         if _host_reads_are_free(t.device) and not bool(at_boundary.any()):
             return
-        start = at_boundary[:, None]
-        for name in ("k", "v", "eps", "pos"):  # the chunk starting here takes the memory chosen for it
-            cur, nxt = state["mem_" + name], state["next_" + name]
-            state["mem_" + name] = torch.where(start.view(-1, *[1] * (cur.dim() - 1)), nxt, cur)
+        names = ("k", "v", "eps", "pos")
+
+        def where_start(new, old):  # rows starting a chunk take ``new``
+            return torch.where(at_boundary.view(-1, *[1] * (old.dim() - 1)), new, old)
+
+        for name in names:  # the chunk starting here takes the memory chosen for it
+            state["mem_" + name] = where_start(state["next_" + name], state["mem_" + name])
         p = ring_positions(t, w)
-        cand_eps = state["eps"].masked_fill(p < 0, float("-inf"))
-        eps, pos, idx = ops.merge_memory(state["mem_eps"], state["mem_pos"], cand_eps, p.clamp(min=0), slots)
-        rows4 = start[:, :, None, None]
-        state["next_k"] = torch.where(rows4, _pick_merged(state["mem_k"], state["k"], idx), state["next_k"])
-        state["next_v"] = torch.where(rows4, _pick_merged(state["mem_v"], state["v"], idx), state["next_v"])
-        state["next_eps"] = torch.where(start, eps, state["next_eps"])
-        state["next_pos"] = torch.where(start, pos, state["next_pos"])
+        nxt = self._select_slots({name: state["mem_" + name] for name in names}, state["k"], state["v"],
+                                 state["eps"].masked_fill(p < 0, float("-inf")), p.clamp(min=0))
+        for name in names:
+            state["next_" + name] = where_start(nxt[name], state["next_" + name])
 
 
 def _pick_merged(mem: torch.Tensor, cand: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
