@@ -25,6 +25,7 @@ from . import ops
 from .cache import BMojoCache, LayerState, fading_keeps_ssm_outputs, ring_positions
 from .checkpoint import validate_checkpoint
 from .configuration_bmojo import BMojoConfig
+from .hf_compat import CACHE_NAME, output_cache, take_cache
 
 
 def _inference() -> bool:
@@ -152,21 +153,31 @@ class BMojoMambaMixer(nn.Module):
         # dt is a column slice of x_proj's output: a contiguous copy (dt_rank wide) makes the addmm ~1.6x faster
         return F.linear(dt.contiguous(), self.dt_proj.weight, self.dt_proj.bias), B, C
 
-    def forward(self, u: torch.Tensor, state: LayerState | None = None) -> torch.Tensor:
-        """u (b, T, d) -> (b, T, d). With a fresh ``state``, also leaves the final conv/SSM states in it."""
+    def forward(self, u: torch.Tensor, state: LayerState | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """u (b, T, d) -> (b, T, d). With a fresh ``state``, also leaves the conv/SSM states after each
+        row's last token in it. ``lengths`` (b,): row i's tokens are ``u[i, :lengths[i]]``, the rest
+        padding that follows them (causal: it never reaches a real token; the SSM state is frozen over
+        it, dt = 0, so the final state is the state after the row's last token)."""
         backend = self.config.backend
         x, z = self.in_proj(u).chunk(2, dim=-1)
         conv_w = self.conv1d.weight.squeeze(1)
         want_state = state is not None
-        out = ops.causal_conv1d(x, conv_w, self.conv1d.bias, "silu", return_final_state=want_state, backend=backend)
-        x, conv_state = out if want_state else (out, None)
-        dt, B, C = self._ssm_inputs(x)
+        out = ops.causal_conv1d(x, conv_w, self.conv1d.bias, "silu",
+                                return_final_state=want_state and lengths is None, backend=backend)
+        x_conv, conv_state = out if want_state and lengths is None else (out, None)
+        dt, B, C = self._ssm_inputs(x_conv)
+        if lengths is not None:
+            past_end = torch.arange(u.shape[1], device=u.device)[None, :] >= lengths[:, None]
+            # softplus(-1e4) is exactly 0 in fp32: no decay and no input over the padding
+            dt = dt.masked_fill(past_end[..., None], -1e4)
+            if want_state:  # the conv inputs of each row's last d_conv - 1 tokens
+                conv_state = _gather_rows(x, lengths - 1, self.conv1d.weight.shape[-1] - 1).transpose(1, 2)
         A = -torch.exp(self.A_log.float())
-        out = ops.selective_scan(x, dt, A, B, C, D=self.D, z=z, dt_bias=None, dt_softplus=True,
+        out = ops.selective_scan(x_conv, dt, A, B, C, D=self.D, z=z, dt_bias=None, dt_softplus=True,
                                  return_final_state=want_state, backend=backend)
         y, ssm_state = out if want_state else (out, None)
         if want_state:
-            state["conv"], state["ssm"] = conv_state, ssm_state
+            state["conv"], state["ssm"] = conv_state.contiguous(), ssm_state
         return self.out_proj(y)
 
     def step(self, u: torch.Tensor, state: LayerState) -> torch.Tensor:
@@ -242,26 +253,37 @@ class BMojoAttention(nn.Module):
         return kf, vf
 
     # -- parallel form -------------------------------------------------------------------------
-    def forward(self, u: torch.Tensor, rope=None, state: LayerState | None = None) -> torch.Tensor:
-        """u (b, T, d) at positions 0..T-1 -> (b, T, d). A fresh ``state`` receives the recurrent
-        state after the last position (SPEC 1.3)."""
+    def forward(self, u: torch.Tensor, rope=None, state: LayerState | None = None, lengths: torch.Tensor | None = None,
+                output_attentions: bool = False):
+        """u (b, T, d) at positions 0..T-1 -> (b, T, d) [, attention weights (b, Hq, T, T)]. A fresh
+        ``state`` receives the recurrent state after each row's last token (SPEC 1.3); ``lengths`` (b,)
+        marks rows whose last tokens are padding (see ``BMojoMambaMixer.forward``).
+
+        ``output_attentions`` runs the reference attention and returns, per query, the probability
+        mass on each source position (in-context, fading and memory keys of a position summed)."""
         b, T, _ = u.shape
         c = self.config
         q, k, v = self._qkv(u, rope)
         kw = dict(window=self.window)
         f = kf = vf = positions = None
         if self.use_fading:
-            f = self.mamba(u, state)
+            f = self.mamba(u, state, lengths)
             kf, vf = self._fading_kv(f, rope)
             kw.update(k_fading=kf, v_fading=vf, fading_window=self.fading_window)
         if self.use_memory:
             positions, valid = ops.innovation_select(f, self.window, c.memory_slots, c.innovation_taps,
                                                      backend=c.backend)
             kw.update(k_memory=self._gather(k, positions), v_memory=self._gather(v, positions), memory_valid=valid)
-        o = ops.bmojo_attention(q, k, v, backend=c.backend, **kw)
+        weights = None
+        if output_attentions:
+            o, weights = ops.bmojo_attention_weights_ref(q, k, v, memory_positions=positions, **kw)
+        else:
+            o = ops.bmojo_attention(q, k, v, backend=c.backend, **kw)
         if state is not None:
-            self._store_state(state, T, k, v, kf, vf, f, positions, kw)
-        return self.o_proj(o.reshape(b, T, -1))
+            last = torch.full((b,), T - 1, device=u.device) if lengths is None else lengths - 1
+            self._store_state(state, last, k, v, kf, vf, f, positions, kw)
+        out = self.o_proj(o.reshape(b, T, -1))
+        return (out, weights) if output_attentions else out
 
     @staticmethod
     def _gather(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -271,56 +293,56 @@ class BMojoAttention(nn.Module):
         return torch.gather(x, 1, idx).view(b, C, m, x.shape[2], x.shape[3])
 
     @torch.no_grad()
-    def _store_state(self, state, T, k, v, kf, vf, f, positions, kw) -> None:
-        """Rings, history and memory as the step-by-step decoder would hold them after position T-1."""
-        if self.window is None:
-            state["k"], state["v"] = k.detach().clone(), v.detach().clone()
-            state["valid"] = torch.ones(k.shape[:2], dtype=torch.bool, device=k.device)
+    def _store_state(self, state, last, k, v, kf, vf, f, positions, kw) -> None:
+        """Rings, history and memory as the step-by-step decoder would hold them after position
+        ``last`` (b,) of each row. Tensor ops only: no host synchronisation, no data-dependent shapes."""
+        if self.window is None:  # growing cache, left-padded: row i's token p at index p + T - 1 - last_i
+            T = k.shape[1]
+            shift = T - 1 - last
+            src = torch.arange(T, device=k.device)[None, :] - shift[:, None]  # (b, T): source index per slot
+            state["k"], state["v"] = _gather_rows_at(k, src), _gather_rows_at(v, src)
+            state["valid"] = src >= 0
             return
 
-        def ring(x, size, last=T - 1, fill=0):
-            """The ``size`` ring slots after position ``last``: x[p] in slot p % size, ``fill`` where p < 0.
-            (Positions are known on the host; a where, not a boolean-mask write, so XLA needs no nonzero.)"""
-            p = ring_positions(torch.tensor([last]), size)[0]
-            out = x[:, p.clamp(min=0).to(x.device)]
-            empty = (p < 0).to(x.device).view(1, size, *[1] * (x.dim() - 2))
-            return torch.where(empty, torch.full((), fill, dtype=x.dtype, device=x.device), out)
-
         w, m_f = self.window, self.fading_window
-        state["k"], state["v"] = ring(k, w), ring(v, w)
+        state["k"], state["v"] = _ring(k, w, last), _ring(v, w, last)
         if self.use_fading and m_f > 0:
             if self.keeps_ssm_outputs:  # the window's SSM outputs, projected as they leave it
-                state["f"] = ring(f, w)
+                state["f"] = _ring(f, w, last)
             else:  # the window's fading keys/values, projected on arrival
-                state["kf_window"], state["vf_window"] = ring(kf, w), ring(vf, w)
-            state["kf"], state["vf"] = ring(kf, m_f, last=T - 1 - w), ring(vf, m_f, last=T - 1 - w)
+                state["kf_window"], state["vf_window"] = _ring(kf, w, last), _ring(vf, w, last)
+            state["kf"], state["vf"] = _ring(kf, m_f, last - w), _ring(vf, m_f, last - w)
         if self.use_memory:
             taps = self.config.innovation_taps
             eps = ops.innovation_scores(f, taps)
-            f_hist = torch.cat([f.new_zeros(f.shape[0], taps, f.shape[2]), f], dim=1)[:, -taps:]
-            state["f_hist"] = f_hist.clone()
-            state["eps"] = ring(eps, w, fill=float("-inf"))
+            state["f_hist"] = _gather_rows(f, last, taps)
+            state["eps"] = _ring(eps, w, last, fill=float("-inf"))
             # this chunk's memory (in use) ...
-            valid = kw["memory_valid"][:, -1]
-            mem = dict(k=kw["k_memory"][:, -1].clone(), v=kw["v_memory"][:, -1].clone(), pos=positions[:, -1].clone(),
-                       eps=torch.gather(eps, 1, positions[:, -1]).masked_fill(~valid, float("-inf")))
+            rows = torch.arange(k.shape[0], device=k.device)
+            chunk = torch.div(last, w, rounding_mode="floor")
+            mem_pos, valid = positions[rows, chunk], kw["memory_valid"][rows, chunk]
+            mem = dict(k=kw["k_memory"][rows, chunk], v=kw["v_memory"][rows, chunk], pos=mem_pos,
+                       eps=torch.gather(eps, 1, mem_pos).masked_fill(~valid, float("-inf")))
             for name, x in mem.items():
                 state["mem_" + name] = x
             # ... and the next chunk's, selected when this chunk began: + positions ((c-1)w, cw]
-            c = (T - 1) // w
-            lo, hi = max((c - 1) * w + 1, 0), c * w
-            cand_pos = torch.arange(lo, hi + 1, device=k.device).expand(k.shape[0], -1)
-            nxt = self._select_slots(mem, k[:, lo : hi + 1], v[:, lo : hi + 1], eps[:, lo : hi + 1], cand_pos)
+            cand_pos = (chunk - 1)[:, None] * w + 1 + torch.arange(w, device=k.device)[None, :]  # (b, w)
+            cand_eps = torch.gather(eps, 1, cand_pos.clamp(min=0)).masked_fill(cand_pos < 0, float("-inf"))
+            nxt = self._select_slots(mem, _gather_rows_at(k, cand_pos), _gather_rows_at(v, cand_pos), cand_eps,
+                                     cand_pos.clamp(min=0))
             for name, x in nxt.items():
                 state["next_" + name] = x
 
     # -- recurrent form ------------------------------------------------------------------------
-    def step(self, u: torch.Tensor, t: torch.Tensor, rope, state: LayerState, rope_evicted=None) -> torch.Tensor:
+    def step(self, u: torch.Tensor, t: torch.Tensor, rope, state: LayerState, rope_evicted=None,
+             output_attentions: bool = False):
         """One token per row: u (b, d) at positions t (b,) -> (b, d), updating ``state`` in place.
         ``rope_evicted``: RoPE at positions t - w, for the fading key of the token leaving the window.
 
         Rows may sit at different positions (left-padded batches), so ring slots, validity and chunk
-        boundaries are computed per row, with tensor ops only (no host synchronisation)."""
+        boundaries are computed per row, with tensor ops only (no host synchronisation).
+        ``output_attentions`` also returns the weights (b, Hq, 1, n + 1) over the cache's n + 1 token
+        slots (left padding included), as the parallel form does per source position."""
         c = self.config
         b = u.shape[0]
         rows = torch.arange(b, device=u.device)
@@ -330,14 +352,18 @@ class BMojoAttention(nn.Module):
             n = state.seen_tokens  # this token's index in the (left-padded) cache
             self._reserve(state, n + 1)
             state["k"][:, n], state["v"][:, n], state["valid"][:, n] = k, v, True
-            o = ops.attention_decode(q, state["k"][:, : n + 1], state["v"][:, : n + 1], state["valid"][:, : n + 1],
-                                     backend=c.backend)
+            keys, values, valid = state["k"][:, : n + 1], state["v"][:, : n + 1], state["valid"][:, : n + 1]
+            if output_attentions:
+                o, p = ops.attention_decode_ref(q, keys, values, valid, return_probs=True)
+                return self.o_proj(o.reshape(b, -1)), p[:, :, None]
+            o = ops.attention_decode(q, keys, values, valid, backend=c.backend)
             return self.o_proj(o.reshape(b, -1))
 
         w, m_f = self.window, self.fading_window
         slot = t % w
         state["k"][rows, slot], state["v"][rows, slot] = k, v
-        keys, values, valids = [state["k"]], [state["v"]], [ring_positions(t, w) >= 0]
+        sources = [ring_positions(t, w)]  # the position each cached key was built from; < 0: empty
+        keys, values = [state["k"]], [state["v"]]
         if self.use_fading:
             f = self.mamba.step(u, state)
             if m_f > 0:
@@ -355,13 +381,22 @@ class BMojoAttention(nn.Module):
                 fslot = torch.remainder(evicted, m_f)  # a row still inside its first window writes a slot
                 state["kf"][rows, fslot], state["vf"][rows, fslot] = kf, vf  # that stays invalid
                 keys.append(state["kf"]), values.append(state["vf"])
-                valids.append(ring_positions(evicted, m_f) >= 0)
+                sources.append(ring_positions(evicted, m_f))
         if self.use_memory:
             self._step_memory(t, rows, f, state)
             keys.append(state["mem_k"]), values.append(state["mem_v"])
-            valids.append(state["mem_eps"] > float("-inf"))
+            sources.append(state["mem_pos"].masked_fill(state["mem_eps"] == float("-inf"), -1))
+        valids = tuple(p >= 0 for p in sources)
+        if output_attentions:
+            o, p = ops.attention_decode_ref(q, torch.cat(keys, 1), torch.cat(values, 1), torch.cat(valids, 1),
+                                            return_probs=True)
+            # position p of a row sits at cache slot p + (n - t): its left padding comes first
+            n = state.seen_tokens
+            slot_of = (torch.cat(sources, 1) + (n - t)[:, None]).clamp(min=0)  # invalid keys carry p = 0
+            weights = p.new_zeros(b, p.shape[1], n + 1).scatter_add_(-1, slot_of[:, None].expand_as(p), p)
+            return self.o_proj(o.reshape(b, -1)), weights[:, :, None]
         # the rings and slots are read in place as segments (no per-step copy of the cached keys)
-        o = ops.attention_decode(q, tuple(keys), tuple(values), tuple(valids), backend=c.backend)
+        o = ops.attention_decode(q, tuple(keys), tuple(values), valids, backend=c.backend)
         return self.o_proj(o.reshape(b, -1))
 
     @staticmethod
@@ -420,6 +455,28 @@ def _pick_merged(mem: torch.Tensor, cand: torch.Tensor, idx: torch.Tensor) -> to
     return torch.where((idx < slots)[:, :, None, None], g_mem, g_cand)
 
 
+def _gather_rows_at(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (b, T, ...) at per-row token indices (b, n) -> (b, n, ...); zeros where an index is < 0."""
+    idx = index.clamp(min=0).view(*index.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:])
+    out = torch.gather(x, 1, idx)
+    return torch.where((index >= 0).view(*idx.shape[:2], *[1] * (x.dim() - 2)), out, out.new_zeros(()))
+
+
+def _gather_rows(x: torch.Tensor, last: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n`` tokens of each row ending at ``last`` (b,), oldest first: (b, n, ...); zeros before 0."""
+    return _gather_rows_at(x, last[:, None] - n + 1 + torch.arange(n, device=x.device)[None, :])
+
+
+def _ring(x: torch.Tensor, size: int, last: torch.Tensor, fill: float = 0) -> torch.Tensor:
+    """The ``size`` ring slots after position ``last`` (b,): x[p] in slot p % size, ``fill`` where p < 0."""
+    p = ring_positions(last, size)
+    out = _gather_rows_at(x, p)
+    if fill == 0:
+        return out
+    empty = (p < 0).view(*p.shape, *[1] * (x.dim() - 2))
+    return torch.where(empty, torch.full((), fill, dtype=x.dtype, device=x.device), out)
+
+
 class BMojoDecoderLayer(nn.Module):
     """``h + mixer(RMSNorm(h))`` then ``h + MLP(RMSNorm(h))``. With ``residual_in_fp32`` the residual
     stream stays fp32 and each branch reads it cast to the weights' dtype (HF Mamba / mamba-ssm order)."""
@@ -448,20 +505,32 @@ class BMojoDecoderLayer(nn.Module):
         u, h = self._branch_input(self.post_mixer_layernorm, h)
         return _residual_add(h, self.mlp(u))
 
-    def forward(self, h: torch.Tensor, rope=None, state: LayerState | None = None) -> torch.Tensor:
-        """Parallel form: h (b, T, d) -> (b, T, d)."""
+    def forward(self, h: torch.Tensor, rope=None, state: LayerState | None = None, lengths: torch.Tensor | None = None,
+                output_attentions: bool = False):
+        """Parallel form: h (b, T, d) -> (b, T, d), and the mixer's attention weights (None for mamba)."""
         u, h = self._branch_input(self.input_layernorm, h)
-        mixed = self.mixer(u, state) if self.layer_type == "mamba" else self.mixer(u, rope, state)
-        return self._mlp(_residual_add(h, mixed))
+        weights = None
+        if self.layer_type == "mamba":
+            mixed = self.mixer(u, state, lengths)
+        else:
+            mixed = self.mixer(u, rope, state, lengths, output_attentions)
+            if output_attentions:
+                mixed, weights = mixed
+        return self._mlp(_residual_add(h, mixed)), weights
 
-    def step(self, h: torch.Tensor, t: torch.Tensor, rope, state: LayerState, rope_evicted=None) -> torch.Tensor:
-        """Recurrent form: one token per row, h (b, d) at positions t (b,) -> (b, d)."""
+    def step(self, h: torch.Tensor, t: torch.Tensor, rope, state: LayerState, rope_evicted=None,
+             output_attentions: bool = False):
+        """Recurrent form: one token per row, h (b, d) at positions t (b,) -> (b, d), and the mixer's
+        attention weights (None for mamba)."""
         u, h = self._branch_input(self.input_layernorm, h)
+        weights = None
         if self.layer_type == "mamba":
             mixed = self.mixer.step(u, state)
         else:
-            mixed = self.mixer.step(u, t, rope, state, rope_evicted)
-        return self._mlp(_residual_add(h, mixed))
+            mixed = self.mixer.step(u, t, rope, state, rope_evicted, output_attentions)
+            if output_attentions:
+                mixed, weights = mixed
+        return self._mlp(_residual_add(h, mixed)), weights
 
 
 AUTO_MAP = {
@@ -581,120 +650,193 @@ class BMojoModel(BMojoPreTrainedModel):
         if x.shape[1] == 0:
             raise ValueError("BMojoModel: got an empty sequence (T = 0)")
 
-    @staticmethod
-    def _left_padding(attention_mask, start: int, T: int) -> torch.Tensor | None:
-        """Pads per row (b,) of a left-padded prompt, or None when there is nothing to mask."""
+    def _left_padding(self, attention_mask, T: int, position_ids=None) -> torch.Tensor | None:
+        """Pads per row (b,) of a left-padded prompt, or None when nothing is masked.
+
+        The mask is checked here, once per prompt (a few host reads); under ``torch.compile`` or
+        ``torch.export`` it is trusted (no value-dependent branch) and always applied."""
         if attention_mask is None:
             return None
-        mask = attention_mask.bool()
-        if mask.dim() != 2 or mask.shape[1] != start + T:
-            raise ValueError(f"BMojoModel: attention_mask must be (batch, {start + T}) (past + new tokens), "
+        b = attention_mask.shape[0] if attention_mask.dim() else 0
+        if attention_mask.dim() != 2 or attention_mask.shape[1] != T:
+            raise ValueError(f"BMojoModel: attention_mask must be (batch, {T}) for a prompt of {T} tokens, "
                              f"got {tuple(attention_mask.shape)}")
+        mask = attention_mask.bool()
+        pad = (~mask).sum(1)
+        if torch.compiler.is_compiling():
+            return pad
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)][0].item()
+            raise ValueError(f"BMojoModel: attention_mask holds {bad!r}; it must hold only 0 (padding) and 1 (token)")
         if bool(mask.all()):
-            return None
-        if start > 0 and not bool(mask[:, start:].all()):
-            raise ValueError("BMojoModel: masked tokens after the prompt; only left padding of the prompt is supported")
-        if not bool((mask[:, 1:] >= mask[:, :-1]).all()):
+            pad = None
+        elif not bool((mask[:, 1:] >= mask[:, :-1]).all()):
             rows = (mask[:, 1:] < mask[:, :-1]).any(1).nonzero().flatten().tolist()
             raise ValueError(f"BMojoModel: attention_mask rows {rows} are not left-padded (a 0 follows a 1); "
                              "right or inner padding is not supported: pad on the left (tokenizer.padding_side='left')")
-        if not bool(mask.any(1).all()):
-            raise ValueError("BMojoModel: an attention_mask row masks every token")
-        return (~mask).sum(1)
+        elif not bool(mask.any(1).all()):
+            rows = (~mask.any(1)).nonzero().flatten().tolist()
+            raise ValueError(f"BMojoModel: attention_mask masks every token of rows {rows}")
+        if position_ids is not None:
+            want = torch.arange(T, device=mask.device)[None, :] - (T - mask.sum(1, keepdim=True))
+            if position_ids.shape != (b, T) or not bool(((position_ids == want) | ~mask).all()):
+                raise ValueError("BMojoModel: position_ids differ from the positions bmojo derives from the "
+                                 "attention_mask (0, 1, ... from each row's first token); custom positions are "
+                                 "not supported")
+        return pad
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: BMojoCache | None = None,
+        cache: BMojoCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: BMojoCache | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> BaseModelOutputWithPast | tuple:
         """input_ids (b, T) -> last_hidden_state (b, T, d).
 
         A fresh (or no) cache runs the parallel form and, if ``use_cache``, leaves the state after the
         last token; a cache that has seen tokens runs the recurrent form token by token. A left-padded
-        ``attention_mask`` runs each row's prompt on its own (outputs at pads are zero), so every row
-        gets exactly the result it would get alone."""
+        ``attention_mask`` is honoured in the same single pass (each row gets exactly the result it
+        gets alone; outputs at pads are zero). The cache may be passed as ``cache`` (transformers >= 5.24)
+        or ``past_key_values``; the output carries it under the installed release's name.
+
+        ``output_attentions``: per attention-bearing layer, weights (b, Hq, T, start + T) over source
+        positions (None for ``mamba`` layers); ``output_hidden_states``: the embeddings and each
+        layer's output, the last one normed. Both default to the config's, as does ``return_dict``."""
+        cache = take_cache(cache, past_key_values, "BMojoModel")
+        _reject_unknown_kwargs("BMojoModel", kwargs)
+        c = self.config
+        output_attentions = c.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = c.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = c.return_dict if return_dict is None else return_dict
         self._check_inputs(input_ids, inputs_embeds)
-        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        if use_cache and past_key_values is None:
-            past_key_values = BMojoCache(self.config)
-        if past_key_values is not None and not isinstance(past_key_values, BMojoCache):
-            raise TypeError(f"BMojoModel: past_key_values must be a BMojoCache, got {type(past_key_values).__name__}")
+        use_cache = use_cache if use_cache is not None else (c.use_cache and not self.training)
+        if use_cache and cache is None:
+            cache = BMojoCache(c)
+        if cache is not None and not isinstance(cache, BMojoCache):
+            raise TypeError(f"BMojoModel: the cache must be a BMojoCache, got {type(cache).__name__}")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, T, _ = h.shape
-        start = past_key_values.get_seq_length() if past_key_values is not None else 0
-        pad = self._left_padding(attention_mask, start, T)
-
+        start = cache.get_seq_length() if cache is not None else 0
         if start > 0:
-            h, hidden = self._recurrent(h, past_key_values, output_hidden_states)
-        elif pad is None:
-            h, hidden = self._parallel(h, past_key_values, output_hidden_states)
+            if attention_mask is not None and tuple(attention_mask.shape) != (b, start + T):
+                raise ValueError(f"BMojoModel: attention_mask must be (batch, {start + T}) (past + new tokens), "
+                                 f"got {tuple(attention_mask.shape)}")
+            h, hidden, attentions = self._recurrent(h, cache, output_hidden_states, output_attentions)
         else:
-            outs, hidden, rows = [], [], []
-            for i in range(b):
-                row_cache = BMojoCache(self.config) if past_key_values is not None else None
-                out, hid = self._parallel(h[i:i + 1, int(pad[i]):], row_cache, output_hidden_states)
-                zeros = out.new_zeros(1, int(pad[i]), out.shape[-1])
-                outs.append(torch.cat([zeros, out], 1))
-                hidden.append(None if hid is None else [torch.cat([zeros, x], 1) for x in hid])
-                rows.append(row_cache)
-            h = torch.cat(outs)
-            hidden = None if hidden[0] is None else [torch.cat(xs) for xs in zip(*hidden)]
-            if past_key_values is not None:
-                merged = BMojoCache.stack_rows(self.config, rows)
-                past_key_values.layers, past_key_values.positions = merged.layers, merged.positions
-                for layer in past_key_values.layers:
-                    layer.seen_tokens = T
-        return BaseModelOutputWithPast(
+            pad = self._left_padding(attention_mask, T, position_ids)
+            h, hidden, attentions = self._parallel(h, cache, pad, output_hidden_states, output_attentions)
+        out = BaseModelOutputWithPast(
             last_hidden_state=h,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(hidden) if hidden is not None else None,
+            attentions=tuple(attentions) if attentions is not None else None,
+            **{CACHE_NAME: cache if use_cache else None},
         )
+        return out if return_dict else out.to_tuple()
 
-    def _parallel(self, h, cache, output_hidden_states):
+    def _parallel(self, h, cache, pad, output_hidden_states, output_attentions):
+        """The parallel form over h (b, T, d). Left-padded rows (``pad`` (b,)) are rolled so that their
+        tokens come first and their padding last, where causality hides it; outputs are rolled back."""
         b, T, _ = h.shape
+        lengths = None
+        if pad is not None:
+            lengths = T - pad
+            h = _roll_rows(h, pad)
         rope = self._rope(torch.arange(T, device=h.device))
         hidden = [] if output_hidden_states else None
+        attentions = [] if output_attentions else None
         for i, layer in enumerate(self.layers):
             if hidden is not None:
                 hidden.append(h)
-            h = layer(h, rope, cache.layers[i] if cache is not None else None)
+            h, weights = layer(h, rope, cache.layers[i] if cache is not None else None, lengths, output_attentions)
+            if attentions is not None:
+                attentions.append(weights)
         h = self.norm(h)
         if hidden is not None:
             hidden.append(h)
+        if pad is not None:  # back to the caller's layout, zeros at pads
+            h = _unroll_rows(h, pad)
+            hidden = None if hidden is None else [_unroll_rows(x, pad) for x in hidden]
+            if attentions is not None:
+                attentions = [None if w is None else _unroll_weights(w, pad) for w in attentions]
         if cache is not None:
-            cache.positions = torch.full((b,), T, dtype=torch.long, device=h.device)
+            cache.positions = torch.full((b,), T, dtype=torch.long, device=h.device) if lengths is None else lengths
             for state in cache.layers:
                 state.seen_tokens = T
-        return h, hidden
+        return h, hidden, attentions
 
-    def _recurrent(self, h, cache, output_hidden_states):
+    def _recurrent(self, h, cache, output_hidden_states, output_attentions):
         t = cache.positions
         fading_rope = self.rotary_emb is not None and any(lt in ("bmojo_f", "bmojo") for lt in self.config.layer_types)
-        outs, per_token = [], []
-        for j in range(h.shape[1]):
+        start, T = cache.get_seq_length(), h.shape[1]
+        outs, per_token, per_token_attn = [], [], []
+        for j in range(T):
             x = h[:, j]
             rope = self._rope(t[:, None])
             rope_evicted = self._rope((t - self.config.sliding_window)[:, None]) if fading_rope else None
-            hid = []
+            hid, attn = [], []
             for i, layer in enumerate(self.layers):
                 hid.append(x)
-                x = layer.step(x, t, rope, cache.layers[i], rope_evicted)
+                x, weights = layer.step(x, t, rope, cache.layers[i], rope_evicted, output_attentions)
+                # (b, Hq, 1, start + j + 1) -> padded to the call's start + T key slots
+                attn.append(None if weights is None else F.pad(weights, (0, T - 1 - j)))
             x = self.norm(x)
             hid.append(x)
             outs.append(x)
             per_token.append(hid)
+            per_token_attn.append(attn)
             t = t + 1
             for state in cache.layers:
                 state.seen_tokens += 1
         cache.positions = t
         hidden = [torch.stack([p[i] for p in per_token], 1) for i in range(len(self.layers) + 1)] if output_hidden_states else None
-        return torch.stack(outs, 1), hidden
+        attentions = None
+        if output_attentions:
+            attentions = [None if per_token_attn[0][i] is None else torch.cat([a[i] for a in per_token_attn], 2)
+                          for i in range(len(self.layers))]
+        return torch.stack(outs, 1), hidden, attentions
+
+
+def _roll_rows(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """x (b, T, ...) with row i rolled left by shift[i]: out[i, j] = x[i, (j + shift[i]) % T]."""
+    T = x.shape[1]
+    src = torch.remainder(torch.arange(T, device=x.device)[None, :] + shift[:, None], T)
+    return torch.gather(x, 1, src.view(*src.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
+
+
+def _unroll_rows(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_roll_rows`, with zeros where the rolled-in padding lands (j < shift[i])."""
+    T = x.shape[1]
+    j = torch.arange(T, device=x.device)[None, :]
+    src = torch.remainder(j - shift[:, None], T)
+    out = torch.gather(x, 1, src.view(*src.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
+    keep = (j >= shift[:, None]).view(*src.shape, *[1] * (x.dim() - 2))
+    return torch.where(keep, out, out.new_zeros(()))
+
+
+def _unroll_weights(w: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Attention weights (b, H, T, T) of rolled rows back to the caller's layout, in queries and keys."""
+    w = _unroll_rows(w.transpose(1, 2), shift)  # (b, Tq, H, Tk)
+    w = _unroll_rows(w.transpose(1, 3), shift)  # (b, Tk, H, Tq)
+    return w.permute(0, 2, 3, 1)
+
+
+# Keywords that transformers or tokenizers may pass and that a causal LM without them rightly ignores.
+_IGNORED_KWARGS = ("cache_position", "token_type_ids")
+
+
+def _reject_unknown_kwargs(who: str, kwargs: dict) -> None:
+    """A misspelled or unsupported keyword must not be swallowed (a renamed cache argument once was)."""
+    unknown = sorted(k for k in kwargs if k not in _IGNORED_KWARGS)
+    if unknown:
+        raise TypeError(f"{who}.forward() got unexpected keyword arguments {unknown}")
 
 
 class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
@@ -716,19 +858,27 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: BMojoCache | None = None,
+        cache: BMojoCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: BMojoCache | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast | tuple:
         """input_ids (b, T) -> logits (b, T, vocab) (the last ``logits_to_keep`` positions if > 0);
-        ``labels`` (b, T) give the shifted next-token cross-entropy, -100 ignored."""
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
-                         inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states)
+        ``labels`` (b, T) give the shifted next-token cross-entropy, -100 ignored. Other arguments as
+        :meth:`BMojoModel.forward`."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=take_cache(cache, past_key_values,
+                         "BMojoForCausalLM"), inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                         return_dict=True, position_ids=position_ids, **kwargs)
         h = out.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             h = h[:, -logits_to_keep:]
@@ -737,14 +887,19 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         logits = self.lm_head(h.to(self.lm_head.weight.dtype))
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                      hidden_states=out.hidden_states)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                        attentions=out.attentions, **{CACHE_NAME: output_cache(out)})
+        return output if return_dict else output.to_tuple()
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         # transformers' DynamicCache knows attention layers only; every bmojo layer keeps a BMojoCache state.
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
-            model_kwargs["past_key_values"] = BMojoCache(self.config)
+        # The cache goes under the name the installed transformers passes to forward (CACHE_NAME).
+        other = "past_key_values" if CACHE_NAME == "cache" else "cache"
+        if model_kwargs.get(other) is not None and model_kwargs.get(CACHE_NAME) is None:
+            model_kwargs[CACHE_NAME] = model_kwargs.pop(other)
+        if model_kwargs.get(CACHE_NAME) is None and generation_config.use_cache is not False:
+            model_kwargs[CACHE_NAME] = BMojoCache(self.config)
 
 
 __all__ = ["BMojoPreTrainedModel", "BMojoModel", "BMojoForCausalLM"]

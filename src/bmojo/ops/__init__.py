@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from .attention.naive import attention_decode_ref, bmojo_attention_ref, bmojo_visibility_masks
+from .attention.naive import (
+    attention_decode_ref,
+    bmojo_attention_ref,
+    bmojo_attention_weights_ref,
+    bmojo_visibility_masks,
+)
 from .causal_conv1d.naive import causal_conv1d_ref, causal_conv1d_update_ref
 from .innovation.chunk import innovation_scores_inplace, merge_memory
 from .innovation.naive import innovation_scores_ref, innovation_select_ref
@@ -28,7 +33,7 @@ __all__ = [
     "available_backends", "register_backend", "BackendUnavailableError", "BACKEND_NAMES", "OP_NAMES",
     "selective_scan_ref", "selective_state_update_ref", "causal_conv1d_ref", "causal_conv1d_update_ref",
     "bmojo_attention_ref", "attention_decode_ref", "innovation_select_ref", "innovation_scores_ref",
-    "bmojo_visibility_masks",
+    "bmojo_attention_weights_ref", "bmojo_visibility_masks",
 ]
 
 

@@ -32,27 +32,9 @@ def bmojo_visibility_masks(
     return in_context, fading
 
 
-def bmojo_attention_ref(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    window: int | None = None,
-    k_fading: torch.Tensor | None = None,
-    v_fading: torch.Tensor | None = None,
-    fading_window: int | None = None,
-    k_memory: torch.Tensor | None = None,
-    v_memory: torch.Tensor | None = None,
-    memory_valid: torch.Tensor | None = None,
-    scale: float | None = None,
-    return_lse: bool = False,
-):
-    """q (b, T, Hq, D); k, v, k_fading, v_fading (b, T, Hkv, D); k_memory, v_memory
-    (b, ceil(T / window), m_e, Hkv, D) with memory_valid (b, ceil(T / window), m_e) bool.
-
-    Query t sees k[s] for t-w < s <= t, k_fading[s] for t-w-m_f < s <= t-w, and the valid memory
-    slots of chunk t // w. Returns o (b, T, Hq, D) in q's dtype and, if asked, the natural-log
-    log-sum-exp of the scaled scores (b, T, Hq) in fp32.
-    """
+def _scores_ref(q, k, v, window, k_fading, v_fading, fading_window, k_memory, v_memory, memory_valid, scale):
+    """Masked scaled scores (b, Hq, T, S) fp32 over [in-context T | fading T | memory chunks * m_e] keys
+    (the last two present only when given), and the matching values (b, S, Hq, D) fp32."""
     b, T, Hq, D = q.shape
     Hkv = k.shape[2]
     n_rep = Hq // Hkv
@@ -79,11 +61,77 @@ def bmojo_attention_ref(
     V = _repeat_kv(torch.cat(values, 1).float(), n_rep, 2)
     mask = torch.cat(masks, -1)  # (b, T, S)
     scores = torch.einsum("bthd,bshd->bhts", q.float(), K) * scale
-    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    return scores.masked_fill(~mask[:, None], float("-inf")), V
+
+
+def bmojo_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int | None = None,
+    k_fading: torch.Tensor | None = None,
+    v_fading: torch.Tensor | None = None,
+    fading_window: int | None = None,
+    k_memory: torch.Tensor | None = None,
+    v_memory: torch.Tensor | None = None,
+    memory_valid: torch.Tensor | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+):
+    """q (b, T, Hq, D); k, v, k_fading, v_fading (b, T, Hkv, D); k_memory, v_memory
+    (b, ceil(T / window), m_e, Hkv, D) with memory_valid (b, ceil(T / window), m_e) bool.
+
+    Query t sees k[s] for t-w < s <= t, k_fading[s] for t-w-m_f < s <= t-w, and the valid memory
+    slots of chunk t // w. Returns o (b, T, Hq, D) in q's dtype and, if asked, the natural-log
+    log-sum-exp of the scaled scores (b, T, Hq) in fp32.
+    """
+    scores, V = _scores_ref(q, k, v, window, k_fading, v_fading, fading_window, k_memory, v_memory, memory_valid,
+                            scale)
     lse = torch.logsumexp(scores, dim=-1)  # (b, Hq, T)
     p = torch.exp(scores - lse[..., None])
     o = torch.einsum("bhts,bshd->bthd", p, V).to(q.dtype)
     return (o, lse.transpose(1, 2).contiguous()) if return_lse else o
+
+
+def bmojo_attention_weights_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int | None = None,
+    k_fading: torch.Tensor | None = None,
+    v_fading: torch.Tensor | None = None,
+    fading_window: int | None = None,
+    k_memory: torch.Tensor | None = None,
+    v_memory: torch.Tensor | None = None,
+    memory_valid: torch.Tensor | None = None,
+    memory_positions: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``bmojo_attention_ref``'s output and its attention weights per source position.
+
+    weights[b, h, t, s] (b, Hq, T, T) fp32 is the probability mass query t puts on keys built from
+    position s: its in-context key, its fading key and any memory slot holding it
+    (``memory_positions`` (b, chunks, m_e), needed with memory keys). Each row sums to 1."""
+    b, T, Hq, _ = q.shape
+    scores, V = _scores_ref(q, k, v, window, k_fading, v_fading, fading_window, k_memory, v_memory, memory_valid,
+                            scale)
+    p = torch.softmax(scores, dim=-1)  # (b, Hq, T, S)
+    o = torch.einsum("bhts,bshd->bthd", p, V).to(q.dtype)
+    weights = p[..., :T].clone()
+    n = T
+    if k_fading is not None and window is not None:
+        weights += p[..., T : 2 * T]
+        n = 2 * T
+    if k_memory is not None and window is not None:
+        if memory_positions is None:
+            raise ValueError("bmojo_attention_weights_ref: memory keys need memory_positions to map slots to positions")
+        m_e = k_memory.shape[2]
+        chunk_of_query = torch.arange(T, device=q.device) // window
+        # query t reads the slots of its chunk: index[b, t, j] = position held by slot j of chunk t // w
+        index = memory_positions[:, chunk_of_query].reshape(b, 1, T, m_e).expand(b, Hq, T, m_e)
+        slot_p = p[..., n:].reshape(b, Hq, T, -1, m_e)  # (b, Hq, T, chunks, m_e): only chunk t // w is nonzero
+        weights.scatter_add_(-1, index, slot_p.sum(3))
+    return o, weights
 
 
 def attention_decode_ref(
@@ -92,10 +140,12 @@ def attention_decode_ref(
     v: torch.Tensor,
     valid: torch.Tensor | None = None,
     scale: float | None = None,
-) -> torch.Tensor:
+    return_probs: bool = False,
+):
     """Attention of one new query per row over a set of cached keys (the decoding step).
 
-    q (b, Hq, D); k, v (b, S, Hkv, D); valid (b, S) bool. Returns (b, Hq, D) in q's dtype.
+    q (b, Hq, D); k, v (b, S, Hkv, D); valid (b, S) bool. Returns (b, Hq, D) in q's dtype [and the
+    probabilities (b, Hq, S) fp32].
     """
     b, Hq, D = q.shape
     n_rep = Hq // k.shape[2]
@@ -106,4 +156,5 @@ def attention_decode_ref(
     if valid is not None:
         scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     p = torch.softmax(scores, dim=-1)
-    return torch.einsum("bhs,bshd->bhd", p, V).to(q.dtype)
+    o = torch.einsum("bhs,bshd->bhd", p, V).to(q.dtype)
+    return (o, p) if return_probs else o
