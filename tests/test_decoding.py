@@ -21,10 +21,19 @@ def _model(stack, **kw):
     return lively(BMojoForCausalLM(tiny_config(STACKS[stack], **kw))).eval()
 
 
-@pytest.mark.parametrize("rope", [None, 10000.0], ids=["nope", "rope"])
+ROPES = {
+    "nope": {},
+    "rope": dict(rope_theta=10000.0),
+    # scaled RoPE from transformers' functions; the fading keys rotate with it at their own positions
+    "yarn": dict(max_position_embeddings=64, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                                                              "original_max_position_embeddings": 16}),
+}
+
+
+@pytest.mark.parametrize("rope", list(ROPES))
 @pytest.mark.parametrize("stack", list(STACKS))
 def test_step_by_step_matches_parallel(stack, rope):
-    model = _model(stack, rope_theta=rope)
+    model = _model(stack, **ROPES[rope])
     ids = torch.randint(0, 64, (2, T))
     with torch.no_grad():
         parallel = model(ids).logits

@@ -177,10 +177,39 @@ def test_bad_tensors_are_named(tmp_path):
     assert "3 problem(s)" in msg
 
 
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16, "rope_theta": 500000.0}
+
+
+@pytest.mark.parametrize("rope", [
+    LLAMA3,
+    {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "rope_theta": 10000.0},
+], ids=lambda r: r["rope_type"])
+def test_hf_llama_with_rope_scaling_converts(tmp_path, rope):
+    """Llama 3.x checkpoints use llama3 scaling: the frequencies come from transformers' own RoPE
+    functions, so logits equal LlamaForCausalLM's (fp32, 1e-5) at positions past the original length."""
+    ref = _hf_llama(num_key_value_heads=2, max_position_embeddings=128, rope_parameters=dict(rope))
+    ref.save_pretrained(tmp_path / "hf")
+    convert(str(tmp_path / "hf"), str(tmp_path / "out"))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert model.config.rope_parameters["rope_type"] == rope["rope_type"]
+    ids = _prompt(length=70)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-5, rtol=0)
+    unscaled = _hf_llama(num_key_value_heads=2, rope_parameters={"rope_type": "default",
+                                                                  "rope_theta": rope["rope_theta"]})
+    unscaled.load_state_dict(ref.state_dict())
+    with torch.no_grad():  # the scaling is really applied (it once was silently ignored)
+        assert (unscaled(ids).logits - model(ids).logits).abs().max() > 1e-3
+    kw = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=PAD)
+    assert torch.equal(model.generate(ids, **kw), ref.generate(ids, **kw))
+
+
 def test_unsupported_features_are_refused(tmp_path):
-    _hf_llama(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}).save_pretrained(
+    _hf_llama(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}).save_pretrained(
         tmp_path / "hf")
-    _expect_refusal(tmp_path, tmp_path / "hf", "rope_type", "'linear'")
+    _expect_refusal(tmp_path, tmp_path / "hf", "rope_type", "'dynamic'")
 
 
 def test_cli_convert(tmp_path, capsys):

@@ -10,6 +10,14 @@ LAYER_TYPES = ("attention", "sliding_attention", "mamba", "bmojo_f", "bmojo")
 WINDOWED_TYPES = ("sliding_attention", "bmojo_f", "bmojo")
 SSM_TYPES = ("mamba", "bmojo_f", "bmojo")
 ATTENTION_TYPES = ("attention", "sliding_attention", "bmojo_f", "bmojo")
+# RoPE types whose frequencies change with the sequence length: a key cached at one length and the
+# same key recomputed at another would differ, so decoding could not equal the parallel forward.
+UNSUPPORTED_ROPE_TYPES = {
+    "dynamic": "is not supported: dynamic NTK scaling recomputes the frequencies from the current length, "
+               "so cached keys and the parallel forward disagree; use 'yarn', 'llama3' or 'linear'",
+    "longrope": "is not supported: it switches frequencies when the sequence passes "
+                "original_max_position_embeddings, so cached keys and the parallel forward disagree",
+}
 
 
 @strict
@@ -37,7 +45,14 @@ class BMojoConfig(PreTrainedConfig):
         memory_slots: ``m_e``, eidetic memory slots per ``bmojo`` layer (default 16 if any, else 0).
         innovation_taps: k, the taps of the fixed mean predictor of the SSM output.
         tie_fading_kv: fading keys/values use the in-context projections (Wk' = Wk, Wv' = Wv).
-        rope_theta: RoPE base; None = no positional encoding (B'MOJO's default).
+        rope_theta: RoPE base; None (and no ``rope_parameters``) = no positional encoding (B'MOJO's default).
+        rope_parameters: transformers' RoPE dict (``rope_type`` and its fields, e.g. ``{"rope_type": "llama3",
+            "factor": 8.0, ...}``); its frequencies come from transformers' own RoPE functions. Every key,
+            fading keys included, is rotated at its own position. The legacy ``rope_scaling`` is read too.
+            ``dynamic`` and ``longrope`` change the frequencies with the sequence length, which a fixed
+            decoding state cannot follow: they are refused.
+        max_position_embeddings: the pretraining length that RoPE scaling types read (default for their
+            ``original_max_position_embeddings``); bmojo itself has no length limit.
         d_state, d_conv, expand, dt_rank, dt_min, dt_max, dt_init_floor, conv_bias, proj_bias:
             Mamba-1 mixer settings as in mamba-ssm (dt_rank "auto" = ceil(hidden_size / 16)).
         attention_bias / mlp_bias: biases in the attention and MLP projections.
@@ -63,6 +78,8 @@ class BMojoConfig(PreTrainedConfig):
     innovation_taps: int = 4
     tie_fading_kv: bool = True
     rope_theta: float | int | None = None
+    rope_parameters: dict | None = None
+    max_position_embeddings: int | None = None
     d_state: int = 16
     d_conv: int = 4
     expand: int = 2
@@ -106,10 +123,60 @@ class BMojoConfig(PreTrainedConfig):
         self.layer_types = layer_types  # transformers renames legacy types ("mamba" -> "linear_attention")
         self.check()  # a plain ValueError naming the field, before transformers' own wrapped checks
 
+    # -- RoPE: transformers calls these from __post_init__ and from its RoPE functions ---------------
+    def convert_rope_params_to_dict(self, **kwargs):
+        """Fold the legacy ``rope_scaling`` and ``rope_theta`` into ``rope_parameters`` (one standard
+        dict, or None for no positional encoding). Returns the remaining kwargs."""
+        legacy = kwargs.pop("rope_scaling", None)
+        if legacy and self.rope_parameters and dict(legacy) != dict(self.rope_parameters):
+            raise ValueError(f"BMojoConfig: rope_scaling={legacy!r} and rope_parameters={self.rope_parameters!r} "
+                             "disagree; pass rope_parameters only")
+        params = dict(self.rope_parameters or legacy or {})
+        theta = params.get("rope_theta", self.rope_theta)
+        if self.rope_theta is not None and theta != self.rope_theta:
+            raise ValueError(f"BMojoConfig: rope_theta={self.rope_theta!r} contradicts "
+                             f"rope_parameters['rope_theta']={theta!r}")
+        if not params and theta is None:
+            self.rope_parameters = None
+            return kwargs
+        if theta is None:
+            raise ValueError(f"BMojoConfig: rope_parameters={params!r} is invalid: it needs a rope_theta "
+                             "(in the dict or as the rope_theta field)")
+        params["rope_type"] = params.pop("type", None) or params.get("rope_type") or "default"
+        params["rope_theta"] = theta
+        if params["rope_type"] in ("llama3", "yarn", "longrope") and self.max_position_embeddings is not None:
+            params.setdefault("original_max_position_embeddings", self.max_position_embeddings)
+        self.rope_parameters, self.rope_theta = params, theta
+        return kwargs
+
+    def standardize_rope_params(self) -> None:
+        """Already standard (see :meth:`convert_rope_params_to_dict`); transformers' RoPE functions call it."""
+
     # transformers runs every `validate_*` method after __init__ and before saving; ours replace its
     # layer-type vocabulary (attention kinds only) with the zoo's.
     def validate_layer_type(self) -> None:
         self.check()
+
+    def _check_rope(self, bad) -> None:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        params = self.rope_parameters
+        theta, rope_type = params["rope_theta"], params["rope_type"]
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
+            bad("rope_theta", theta, "must be a finite number > 0")
+        if self.head_dim % 2:
+            bad("head_dim", self.head_dim, "must be even with RoPE")
+        if rope_type in UNSUPPORTED_ROPE_TYPES:
+            bad("rope_parameters['rope_type']", rope_type, UNSUPPORTED_ROPE_TYPES[rope_type])
+        if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+            bad("rope_parameters['rope_type']", rope_type,
+                f"must be 'default' or one of transformers' {sorted(set(ROPE_INIT_FUNCTIONS) - set(UNSUPPORTED_ROPE_TYPES))}")
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            bad("rope_parameters['partial_rotary_factor']", params["partial_rotary_factor"],
+                "is not supported: bmojo rotates the whole head (must be 1.0)")
+        if rope_type in ("llama3", "yarn") and params.get("original_max_position_embeddings") is None:
+            bad("max_position_embeddings", self.max_position_embeddings,
+                f"must be set (or rope_parameters['original_max_position_embeddings']) for rope_type {rope_type!r}")
 
     # -- derived sizes -------------------------------------------------------------------------
     @property
@@ -147,8 +214,8 @@ class BMojoConfig(PreTrainedConfig):
             if self.num_key_value_heads <= 0 or self.num_attention_heads % self.num_key_value_heads:
                 bad("num_key_value_heads", self.num_key_value_heads,
                     f"must be positive and divide num_attention_heads={self.num_attention_heads}")
-            if self.rope_theta is not None and (self.rope_theta <= 0 or self.head_dim % 2):
-                bad("rope_theta", self.rope_theta, f"must be > 0 with an even head_dim (head_dim={self.head_dim})")
+            if self.rope_parameters is not None:
+                self._check_rope(bad)
         if types & set(WINDOWED_TYPES):
             if not isinstance(self.sliding_window, int) or self.sliding_window <= 0:
                 bad("sliding_window", self.sliding_window,
@@ -157,8 +224,6 @@ class BMojoConfig(PreTrainedConfig):
             bad("fading_window", self.fading_window, "must be an int >= 0 or None (= sliding_window)")
         if self.memory_slots < 0:
             bad("memory_slots", self.memory_slots, "must be >= 0")
-        if self.memory_slots > 0 and "bmojo" not in types:
-            bad("memory_slots", self.memory_slots, "is > 0 but no layer has type 'bmojo' (set it to 0)")
         if "bmojo" in types and self.memory_slots == 0:
             bad("memory_slots", self.memory_slots, "must be > 0 for 'bmojo' layers (use 'bmojo_f' for no memory)")
         if "bmojo" in types and self.innovation_taps <= 0:

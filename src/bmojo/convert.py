@@ -176,21 +176,17 @@ def config_from_hf_llama(source: str) -> BMojoConfig:
     if c.hidden_act != "silu":
         _refuse("hidden_act", c.hidden_act, "is not supported (bmojo's MLP is SwiGLU with SiLU)")
     rope = dict(c.rope_parameters or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        _refuse("rope_parameters.rope_type", rope_type,
-                "is not supported: bmojo implements Llama's default RoPE only (no rope scaling); "
-                f"rope_parameters={rope}")
-    if rope.get("partial_rotary_factor", 1.0) != 1.0:
-        _refuse("rope_parameters.partial_rotary_factor", rope["partial_rotary_factor"], "is not supported (must be 1)")
-    theta = rope.get("rope_theta", getattr(c, "rope_theta", None))
-    if theta is None:
+    if rope.get("rope_theta", getattr(c, "rope_theta", None)) is None:
         _refuse("rope_parameters.rope_theta", None, "is missing")
+    rope.setdefault("rope_theta", getattr(c, "rope_theta", None))
+    # any rope_type bmojo cannot honour (dynamic, longrope, partial rotary) is refused by BMojoConfig,
+    # naming the field; the scaling types come from transformers' own RoPE functions, as in Llama
     return BMojoConfig(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
         layer_types=["attention"] * c.num_hidden_layers, intermediate_size=c.intermediate_size,
         num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
-        head_dim=c.head_dim, rope_theta=float(theta), attention_bias=c.attention_bias, mlp_bias=c.mlp_bias,
+        head_dim=c.head_dim, rope_parameters=rope, max_position_embeddings=c.max_position_embeddings,
+        attention_bias=c.attention_bias, mlp_bias=c.mlp_bias,
         rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=c.tie_word_embeddings,
         initializer_range=c.initializer_range, memory_slots=0, residual_in_fp32=False,
         pad_token_id=c.pad_token_id, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
@@ -355,7 +351,7 @@ def build_model(config: BMojoConfig, state: dict[str, torch.Tensor]):
     if model.model.rotary_emb is not None:  # a non-persistent buffer, still on the meta device
         from .modeling_bmojo import BMojoRotaryEmbedding
 
-        model.model.rotary_emb = BMojoRotaryEmbedding(config.head_dim, config.rope_theta)
+        model.model.rotary_emb = BMojoRotaryEmbedding(config)
     return model.eval()
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from . import ops
 from .cache import BMojoCache, LayerState, fading_keeps_ssm_outputs, ring_positions
@@ -59,19 +60,29 @@ class BMojoRMSNorm(nn.Module):
 
 
 class BMojoRotaryEmbedding(nn.Module):
-    """RoPE at absolute positions (Llama's default rotary, half-split layout)."""
+    """RoPE at absolute positions (Llama's rotary, half-split layout) for ``config.rope_parameters``:
+    ``default`` here, every scaling type (linear, llama3, yarn, ...) from transformers' own
+    ``ROPE_INIT_FUNCTIONS``, with their attention scaling folded into cos and sin as Llama does."""
 
-    def __init__(self, head_dim: int, theta: float):
+    def __init__(self, config: BMojoConfig):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        params = config.rope_parameters
+        if params["rope_type"] == "default":
+            dim = config.head_dim
+            inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+            self.attention_scaling = 1.0
+        else:
+            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[params["rope_type"]](config, None)
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
     @torch.no_grad()
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (T,) or (b, T) -> cos, sin (..., T, head_dim) fp32."""
         freqs = positions.float()[..., None] * self.inv_freq.float()
         emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos(), emb.sin()
+        if self.attention_scaling == 1.0:
+            return emb.cos(), emb.sin()
+        return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -589,7 +600,7 @@ class BMojoPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, BMojoRotaryEmbedding):  # non-persistent buffer: from_pretrained leaves it uninitialized
-            init.copy_(module.inv_freq, BMojoRotaryEmbedding(self.config.head_dim, self.config.rope_theta).inv_freq)
+            init.copy_(module.inv_freq, BMojoRotaryEmbedding(self.config).inv_freq)
         if isinstance(module, BMojoMambaMixer):
             module.init_mamba_weights()
             init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
@@ -612,8 +623,7 @@ class BMojoModel(BMojoPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(BMojoDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = BMojoRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = (BMojoRotaryEmbedding(config.head_dim, config.rope_theta)
-                           if config.rope_theta is not None else None)
+        self.rotary_emb = BMojoRotaryEmbedding(config) if config.rope_parameters is not None else None
         self.post_init()
 
     def get_input_embeddings(self):
