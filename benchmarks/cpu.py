@@ -25,6 +25,8 @@ import time
 
 import torch
 
+from bmojo.hf_compat import cache_kwarg
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MEMBERS = ("transformer", "swa", "mamba", "hybrid", "bmojo-f", "bmojo")
 
@@ -103,10 +105,10 @@ def decode_rates(models: dict, prompts: list[int], steps: int, rounds: int) -> d
     states = {}
     with torch.no_grad():
         for run, model in models.items():
-            hf_mamba = type(model).__name__ == "MambaForCausalLM"
+            name = cache_kwarg(model)
             for P in prompts:
                 out = model(torch.randint(0, 512, (1, P)), use_cache=True)
-                kw = {"cache_params": out.cache_params} if hf_mamba else {"past_key_values": out.past_key_values}
+                kw = {name: getattr(out, name)}
                 states[(run, P)] = [model(out.logits[:, -1:].argmax(-1), use_cache=True, **kw), kw]
         times = {key: [] for key in states}
         for _ in range(rounds):

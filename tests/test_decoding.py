@@ -38,7 +38,7 @@ def test_step_by_step_matches_parallel(stack, rope):
     with torch.no_grad():
         parallel = model(ids).logits
         cache = BMojoCache(model.config)
-        steps = torch.cat([model(ids[:, j : j + 1], past_key_values=cache, use_cache=True).logits
+        steps = torch.cat([model(ids[:, j : j + 1], cache=cache, use_cache=True).logits
                            for j in range(T)], 1)
     torch.testing.assert_close(steps, parallel, atol=1e-4, rtol=0)
     assert cache.get_seq_length() == T
@@ -56,8 +56,8 @@ def test_state_holds_spec_sizes_and_matches_parallel(fading_window, kv_heads):
     with torch.no_grad():
         parallel = model(ids).logits
         cache = BMojoCache(model.config)
-        head = model(ids[:, :3], past_key_values=cache, use_cache=True).logits
-        steps = [model(ids[:, j : j + 1], past_key_values=cache, use_cache=True).logits for j in range(3, T)]
+        head = model(ids[:, :3], cache=cache, use_cache=True).logits
+        steps = [model(ids[:, j : j + 1], cache=cache, use_cache=True).logits for j in range(3, T)]
     torch.testing.assert_close(torch.cat([head, *steps], 1), parallel, atol=1e-4, rtol=0)
     c = model.config
     lengths = {name: x.shape[1] for name, x in cache.layers[0].tensors.items() if x.dim() > 1}
@@ -104,8 +104,8 @@ def test_prefill_then_steps_matches_parallel(stack, split):
     with torch.no_grad():
         parallel = model(ids).logits
         cache = BMojoCache(model.config)
-        head = model(ids[:, :split], past_key_values=cache, use_cache=True).logits
-        tail = model(ids[:, split:], past_key_values=cache, use_cache=True).logits
+        head = model(ids[:, :split], cache=cache, use_cache=True).logits
+        tail = model(ids[:, split:], cache=cache, use_cache=True).logits
     torch.testing.assert_close(torch.cat([head, tail], 1), parallel, atol=1e-4, rtol=0)
 
 
@@ -149,8 +149,8 @@ def test_state_size_is_constant_except_full_attention():
     for n in (20, 60):
         cache = BMojoCache(model.config)
         with torch.no_grad():
-            model(torch.randint(0, 64, (1, n)), past_key_values=cache, use_cache=True)
-            model(torch.randint(0, 64, (1, 1)), past_key_values=cache, use_cache=True)
+            model(torch.randint(0, 64, (1, n)), cache=cache, use_cache=True)
+            model(torch.randint(0, 64, (1, 1)), cache=cache, use_cache=True)
         sizes[n] = cache.state_nbytes()
     for i, lt in enumerate(model.config.layer_types):
         if lt == "attention":

@@ -30,14 +30,43 @@ def test_left_padded_batch_generates_like_each_row_alone(model):
         assert torch.equal(batched[i, T:], alone[0, p.shape[1]:]), f"row {i}"
 
 
-def test_left_padded_logits_equal_unpadded(model):
+@pytest.mark.parametrize("side", ["left", "right", "both"])
+def test_padded_logits_equal_unpadded(model, side):
+    """Left, right or two-sided padding: each row's logits are the row's own; zero at pads."""
     a, b = torch.randint(0, PAD, (1, 19)), torch.randint(0, PAD, (1, 11))
-    ids = torch.cat([a, torch.cat([torch.full((1, 8), PAD), b], 1)])
-    mask = (torch.arange(19)[None] >= torch.tensor([[0], [8]])).long()
+    first = {"left": 8, "right": 0, "both": 3}[side]
+    row = torch.full((1, 19), PAD)
+    row[0, first : first + 11] = b[0]
+    mask = torch.zeros(2, 19, dtype=torch.long)
+    mask[0], mask[1, first : first + 11] = 1, 1
     with torch.no_grad():
-        out = model(ids, attention_mask=mask).logits
-        torch.testing.assert_close(out[1, 8:], model(b).logits[0], atol=1e-5, rtol=0)
+        out = model(torch.cat([a, row]), attention_mask=mask).logits
+        torch.testing.assert_close(out[1, first : first + 11], model(b).logits[0], atol=1e-5, rtol=0)
         torch.testing.assert_close(out[0], model(a).logits[0], atol=1e-5, rtol=0)
+        assert out[1, mask[1] == 0].abs().sum() == 0
+
+
+def test_right_padded_batch_generates_like_each_row_alone(model):
+    """transformers warns about right padding for decoder-only models; bmojo honours it anyway: each row
+    continues from its own last token."""
+    lengths = [21, 9, 3]
+    prompts = [torch.randint(0, PAD, (1, n)) for n in lengths]
+    ids = torch.full((3, 21), PAD)
+    mask = torch.zeros(3, 21, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : p.shape[1]], mask[i, : p.shape[1]] = p[0], 1
+    with torch.no_grad():
+        nxt = model(ids, attention_mask=mask, use_cache=True)
+        cache = nxt.cache if hasattr(nxt, "cache") and "cache" in nxt else nxt.past_key_values
+        tokens = nxt.logits[torch.arange(3), mask.sum(1) - 1].argmax(-1)
+        steps = [tokens]
+        for _ in range(9):
+            tokens = model(tokens[:, None], cache=cache).logits[:, -1].argmax(-1)
+            steps.append(tokens)
+        batched = torch.stack(steps, 1)
+    for i, p in enumerate(prompts):
+        alone = model.generate(p, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=PAD)
+        assert torch.equal(batched[i], alone[0, p.shape[1]:]), f"row {i}"
 
 
 @pytest.mark.parametrize("ids,match", [
@@ -58,9 +87,11 @@ def test_mismatched_devices(model):
 
 
 @pytest.mark.parametrize("mask,match", [
-    ([[1, 1, 0, 1]], "not left-padded"),
-    ([[1, 1, 1, 0]], "not left-padded"),
+    ([[1, 1, 0, 1]], "padding between tokens"),
+    ([[0, 1, 0, 1]], "padding between tokens"),
     ([[0, 0, 0, 0]], "masks every token"),
+    ([[1, 2, 1, 1]], "must hold only 0"),
+    ([[1.0, 0.5, 1.0, 1.0]], "must hold only 0"),
     ([[1, 1, 1]], r"attention_mask must be \(batch, 4\)"),
 ])
 def test_bad_masks(model, mask, match):

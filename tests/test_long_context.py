@@ -35,8 +35,8 @@ def test_step_by_step_matches_at_sampled_positions(long_run, end):
     start = end - 150
     cache = BMojoCache(model.config)
     with torch.no_grad():
-        model(ids[:, :start], past_key_values=cache, use_cache=True)
-        steps = torch.cat([model(ids[:, j : j + 1], past_key_values=cache, use_cache=True).logits
+        model(ids[:, :start], cache=cache, use_cache=True)
+        steps = torch.cat([model(ids[:, j : j + 1], cache=cache, use_cache=True).logits
                            for j in range(start, end)], 1)
     torch.testing.assert_close(steps, logits[:, start:end], atol=1e-4, rtol=0)
     mem_pos = cache.layers[0]["mem_pos"]

@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import bmojo  # noqa: F401  (registers model_type "bmojo")
 from bmojo import BMojoConfig, BMojoForCausalLM
 from bmojo.cli import main as cli_main
+from bmojo.hf_compat import output_cache
 from bmojo.presets import (MEMBERS, NOMINAL_PARAMS, PAPER_SIZES, layer_param_count, layer_state_nbytes, param_count,
                            preset_config, preset_names, write_preset_configs)
 
@@ -85,10 +86,10 @@ def test_analytic_state_size_matches_the_cache(member, dtype, kv_heads):
     ids = torch.randint(0, c.vocab_size, (1, T))
     with torch.no_grad():
         out = model(ids, use_cache=True)
-        cache = out.past_key_values
+        cache = output_cache(out)
         expected = [sum(x * n for x, n in zip(layer_state_nbytes(c, t, dtype), (1, T))) for t in c.layer_types]
         assert cache.state_nbytes() == expected
-        model(ids[:, :1], past_key_values=cache)  # one decoding step: only attention grows
+        model(ids[:, :1], cache=cache)  # one decoding step: only attention grows
         for t, got in zip(c.layer_types, cache.state_nbytes()):
             fixed, per_token = layer_state_nbytes(c, t, dtype)
             if per_token:  # a growing KV cache may reserve capacity ahead (amortised appends)

@@ -104,10 +104,10 @@ def check_decoding(train_cfg, dev, sync, compiles, met) -> bool:
     with torch.no_grad():
         for name, m, device in (("xla", model, dev), ("cpu", cpu_model, torch.device("cpu"))):
             cache = BMojoCache(cfg)
-            logits = m(prompt.to(device), past_key_values=cache, use_cache=True).logits[:, -1:]
+            logits = m(prompt.to(device), cache=cache, use_cache=True).logits[:, -1:]
             tok, seen = logits.argmax(-1), [logits]
             for _ in range(steps):
-                logits = m(tok, past_key_values=cache, use_cache=True).logits
+                logits = m(tok, cache=cache, use_cache=True).logits
                 tok = logits.argmax(-1)
                 seen.append(logits)
                 if name == "xla":

@@ -96,27 +96,11 @@ class BMojoCache(Cache):
 
     def __init__(self, config):
         self.config = config
-        # Per row, the position of the next token in that row's own frame (left padding excluded).
+        # Per row, the position of the next token in that row's own frame (padding excluded).
         self.positions: torch.Tensor | None = None
+        # A padded prompt's (first token, number of tokens) per row, in the caller's layout; None if unpadded.
+        self.prompt: tuple[torch.Tensor, torch.Tensor] | None = None
         super().__init__(layers=[LayerState(t) for t in config.layer_types])
-
-    @classmethod
-    def stack_rows(cls, config, caches: list["BMojoCache"]) -> "BMojoCache":
-        """One batched cache from caches of single rows. Growing keys of ``attention`` layers are
-        left-padded to a common length and marked invalid there."""
-        out = cls(config)
-        out.positions = torch.cat([c.positions for c in caches])
-        for i, layer in enumerate(out.layers):
-            parts = [c.layers[i].tensors for c in caches]
-            for name in parts[0]:
-                xs = [p[name] for p in parts]
-                longest = max(x.shape[1] for x in xs) if xs[0].dim() > 1 else None
-                if longest is not None and any(x.shape[1] != longest for x in xs):
-                    fill = False if xs[0].dtype == torch.bool else 0
-                    xs = [torch.cat([x.new_full((1, longest - x.shape[1], *x.shape[2:]), fill), x], 1) for x in xs]
-                layer[name] = torch.cat(xs)
-            layer.seen_tokens = max(c.layers[i].seen_tokens for c in caches)
-        return out
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].seen_tokens if self.layers else 0
@@ -143,25 +127,28 @@ class BMojoCache(Cache):
         return [False] * len(self.layers)
 
     def reset(self) -> None:
-        self.positions = None
+        self.positions = self.prompt = None
         for layer in self.layers:
             layer.reset()
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+    def _map_rows(self, fn) -> None:
         if self.positions is not None:
-            self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
+            self.positions = fn(self.positions)
+        if self.prompt is not None:
+            self.prompt = tuple(fn(x) for x in self.prompt)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_rows(lambda x: x.index_select(0, beam_idx.to(x.device)))
         for layer in self.layers:
             layer.reorder_cache(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.positions is not None:
-            self.positions = self.positions.repeat_interleave(repeats, dim=0)
+        self._map_rows(lambda x: x.repeat_interleave(repeats, dim=0))
         for layer in self.layers:
             layer.batch_repeat_interleave(repeats)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.positions is not None:
-            self.positions = self.positions[indices]
+        self._map_rows(lambda x: x[indices])
         for layer in self.layers:
             layer.batch_select_indices(indices)
 

@@ -8,6 +8,8 @@ accepts the other name from callers written for the other releases.
 """
 from __future__ import annotations
 
+import inspect
+
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 CACHE_NAME: str = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -23,3 +25,13 @@ def take_cache(cache, past_key_values, who: str):
 def output_cache(output):
     """The cache a model output carries, whatever the installed release calls the field."""
     return getattr(output, CACHE_NAME, None)
+
+
+def cache_kwarg(model) -> str:
+    """The keyword, and output field, under which ``model.forward`` takes its cache on the installed
+    release: ``cache`` from 5.24; before, ``past_key_values`` (``cache_params`` for transformers' Mamba)."""
+    params = inspect.signature(model.forward).parameters
+    for name in (CACHE_NAME, "past_key_values", "cache_params"):
+        if name in params:
+            return name
+    raise TypeError(f"{type(model).__name__}.forward takes no cache argument")

@@ -25,7 +25,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from . import ops
 from .cache import BMojoCache, LayerState, fading_keeps_ssm_outputs, ring_positions
 from .checkpoint import validate_checkpoint
-from .configuration_bmojo import BMojoConfig
+from .configuration_bmojo import UNSUPPORTED_ROPE_TYPES, BMojoConfig
 from .hf_compat import CACHE_NAME, output_cache, take_cache
 
 
@@ -67,6 +67,9 @@ class BMojoRotaryEmbedding(nn.Module):
     def __init__(self, config: BMojoConfig):
         super().__init__()
         params = config.rope_parameters
+        if params["rope_type"] in UNSUPPORTED_ROPE_TYPES:  # a config edited after it was checked
+            raise ValueError(f"BMojoConfig: rope_parameters['rope_type']={params['rope_type']!r} is invalid: "
+                             f"{UNSUPPORTED_ROPE_TYPES[params['rope_type']]}")
         if params["rope_type"] == "default":
             dim = config.head_dim
             inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
@@ -76,13 +79,15 @@ class BMojoRotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
     @torch.no_grad()
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (T,) or (b, T) -> cos, sin (..., T, head_dim) fp32."""
-        freqs = positions.float()[..., None] * self.inv_freq.float()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As transformers' rotary modules: position_ids (T,) or (b, T) -> cos, sin (..., T, head_dim) in
+        x's dtype (x gives only dtype and device), computed in fp32."""
+        freqs = position_ids.float()[..., None] * self.inv_freq.float().to(x.device)
         emb = torch.cat([freqs, freqs], dim=-1)
-        if self.attention_scaling == 1.0:
-            return emb.cos(), emb.sin()
-        return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_scaling != 1.0:
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -352,8 +357,8 @@ class BMojoAttention(nn.Module):
 
         Rows may sit at different positions (left-padded batches), so ring slots, validity and chunk
         boundaries are computed per row, with tensor ops only (no host synchronisation).
-        ``output_attentions`` also returns the weights (b, Hq, 1, n + 1) over the cache's n + 1 token
-        slots (left padding included), as the parallel form does per source position."""
+        ``output_attentions`` also returns the probabilities (b, Hq, S) over the S cached keys and the
+        position each key was built from (b, S) (< 0: an empty slot)."""
         c = self.config
         b = u.shape[0]
         rows = torch.arange(b, device=u.device)
@@ -364,9 +369,10 @@ class BMojoAttention(nn.Module):
             self._reserve(state, n + 1)
             state["k"][:, n], state["v"][:, n], state["valid"][:, n] = k, v, True
             keys, values, valid = state["k"][:, : n + 1], state["v"][:, : n + 1], state["valid"][:, : n + 1]
-            if output_attentions:
-                o, p = ops.attention_decode_ref(q, keys, values, valid, return_probs=True)
-                return self.o_proj(o.reshape(b, -1)), p[:, :, None]
+            if output_attentions:  # the cache is left-padded: slot j holds position j - (n - t)
+                o, p = ops.attention_decode_weights_ref(q, keys, values, valid)
+                sources = torch.arange(n + 1, device=t.device)[None, :] - (n - t)[:, None]
+                return self.o_proj(o.reshape(b, -1)), (p, sources)
             o = ops.attention_decode(q, keys, values, valid, backend=c.backend)
             return self.o_proj(o.reshape(b, -1))
 
@@ -399,13 +405,8 @@ class BMojoAttention(nn.Module):
             sources.append(state["mem_pos"].masked_fill(state["mem_eps"] == float("-inf"), -1))
         valids = tuple(p >= 0 for p in sources)
         if output_attentions:
-            o, p = ops.attention_decode_ref(q, torch.cat(keys, 1), torch.cat(values, 1), torch.cat(valids, 1),
-                                            return_probs=True)
-            # position p of a row sits at cache slot p + (n - t): its left padding comes first
-            n = state.seen_tokens
-            slot_of = (torch.cat(sources, 1) + (n - t)[:, None]).clamp(min=0)  # invalid keys carry p = 0
-            weights = p.new_zeros(b, p.shape[1], n + 1).scatter_add_(-1, slot_of[:, None].expand_as(p), p)
-            return self.o_proj(o.reshape(b, -1)), weights[:, :, None]
+            o, p = ops.attention_decode_weights_ref(q, torch.cat(keys, 1), torch.cat(values, 1), torch.cat(valids, 1))
+            return self.o_proj(o.reshape(b, -1)), (p, torch.cat(sources, 1))
         # the rings and slots are read in place as segments (no per-step copy of the cached keys)
         o = ops.attention_decode(q, tuple(keys), tuple(values), valids, backend=c.backend)
         return self.o_proj(o.reshape(b, -1))
@@ -464,6 +465,21 @@ def _pick_merged(mem: torch.Tensor, cand: torch.Tensor, idx: torch.Tensor) -> to
     g_mem = torch.gather(mem, 1, idx.clamp(max=slots - 1)[:, :, None, None].expand(*expand))
     g_cand = torch.gather(cand, 1, (idx - slots).clamp(min=0)[:, :, None, None].expand(*expand))
     return torch.where((idx < slots)[:, :, None, None], g_mem, g_cand)
+
+
+def _weights_by_slot(p: torch.Tensor, sources: torch.Tensor, t: torch.Tensor, prompt, n: int) -> torch.Tensor:
+    """A decoding step's probabilities p (b, H, S) over keys built from row positions ``sources`` (b, S)
+    (< 0: an empty slot) -> weights (b, H, 1, n + 1) over the caller's n + 1 token slots. A padded
+    prompt (``prompt`` = first token and token count per row) holds positions p < length at slot
+    first + p; later positions follow the whole prompt, at slot p + (n - t)."""
+    if prompt is None:
+        slots = sources
+    else:
+        first, length = prompt
+        slots = sources + torch.where(sources < length[:, None], first[:, None], (n - t)[:, None])
+    slots = slots.clamp(min=0)  # empty keys carry probability 0
+    weights = p.new_zeros(*p.shape[:2], n + 1).scatter_add_(-1, slots[:, None].expand_as(p), p)
+    return weights[:, :, None]
 
 
 def _gather_rows_at(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -619,6 +635,7 @@ class BMojoModel(BMojoPreTrainedModel):
     """The backbone: embeddings, ``num_hidden_layers`` blocks of ``config.layer_types``, final norm."""
 
     def __init__(self, config: BMojoConfig):
+        config.check()  # again: a config may have been edited since it was built
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(BMojoDecoderLayer(config, i) for i in range(config.num_hidden_layers))
@@ -632,8 +649,8 @@ class BMojoModel(BMojoPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def _rope(self, positions: torch.Tensor):
-        return None if self.rotary_emb is None else self.rotary_emb(positions)
+    def _rope(self, h: torch.Tensor, positions: torch.Tensor):
+        return None if self.rotary_emb is None else self.rotary_emb(h, positions)
 
     def _check_inputs(self, input_ids, inputs_embeds):
         if (input_ids is None) == (inputs_embeds is None):
@@ -660,40 +677,40 @@ class BMojoModel(BMojoPreTrainedModel):
         if x.shape[1] == 0:
             raise ValueError("BMojoModel: got an empty sequence (T = 0)")
 
-    def _left_padding(self, attention_mask, T: int, position_ids=None) -> torch.Tensor | None:
-        """Pads per row (b,) of a left-padded prompt, or None when nothing is masked.
+    def _token_spans(self, attention_mask, T: int, position_ids=None):
+        """(first token, number of tokens) per row (b,) of a padded prompt, or None when nothing is masked.
 
-        The mask is checked here, once per prompt (a few host reads); under ``torch.compile`` or
-        ``torch.export`` it is trusted (no value-dependent branch) and always applied."""
+        Each row's tokens must be one contiguous run: left padding, right padding or both. The mask is
+        checked here, once per prompt (a few host reads); under ``torch.compile`` / ``torch.export`` it
+        is trusted (no value-dependent branch) and always applied."""
         if attention_mask is None:
             return None
-        b = attention_mask.shape[0] if attention_mask.dim() else 0
         if attention_mask.dim() != 2 or attention_mask.shape[1] != T:
             raise ValueError(f"BMojoModel: attention_mask must be (batch, {T}) for a prompt of {T} tokens, "
                              f"got {tuple(attention_mask.shape)}")
         mask = attention_mask.bool()
-        pad = (~mask).sum(1)
+        first = mask.long().argmax(1)  # the first 1 of each row
+        length = mask.sum(1)
         if torch.compiler.is_compiling():
-            return pad
+            return first, length
         if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
             bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)][0].item()
             raise ValueError(f"BMojoModel: attention_mask holds {bad!r}; it must hold only 0 (padding) and 1 (token)")
-        if bool(mask.all()):
-            pad = None
-        elif not bool((mask[:, 1:] >= mask[:, :-1]).all()):
-            rows = (mask[:, 1:] < mask[:, :-1]).any(1).nonzero().flatten().tolist()
-            raise ValueError(f"BMojoModel: attention_mask rows {rows} are not left-padded (a 0 follows a 1); "
-                             "right or inner padding is not supported: pad on the left (tokenizer.padding_side='left')")
-        elif not bool(mask.any(1).all()):
+        if not bool(mask.any(1).all()):
             rows = (~mask.any(1)).nonzero().flatten().tolist()
             raise ValueError(f"BMojoModel: attention_mask masks every token of rows {rows}")
+        j = torch.arange(T, device=mask.device)[None, :]
+        inside = (j >= first[:, None]) & (j < (first + length)[:, None])
+        if not bool((inside == mask).all()):
+            rows = (inside != mask).any(1).nonzero().flatten().tolist()
+            raise ValueError(f"BMojoModel: attention_mask rows {rows} have padding between tokens; only left or "
+                             "right padding (each row's tokens in one run) is supported")
         if position_ids is not None:
-            want = torch.arange(T, device=mask.device)[None, :] - (T - mask.sum(1, keepdim=True))
-            if position_ids.shape != (b, T) or not bool(((position_ids == want) | ~mask).all()):
+            if position_ids.shape != mask.shape or not bool(((position_ids == j - first[:, None]) | ~mask).all()):
                 raise ValueError("BMojoModel: position_ids differ from the positions bmojo derives from the "
                                  "attention_mask (0, 1, ... from each row's first token); custom positions are "
                                  "not supported")
-        return pad
+        return None if bool(mask.all()) else (first, length)
 
     def forward(
         self,
@@ -741,8 +758,8 @@ class BMojoModel(BMojoPreTrainedModel):
                                  f"got {tuple(attention_mask.shape)}")
             h, hidden, attentions = self._recurrent(h, cache, output_hidden_states, output_attentions)
         else:
-            pad = self._left_padding(attention_mask, T, position_ids)
-            h, hidden, attentions = self._parallel(h, cache, pad, output_hidden_states, output_attentions)
+            spans = self._token_spans(attention_mask, T, position_ids)
+            h, hidden, attentions = self._parallel(h, cache, spans, output_hidden_states, output_attentions)
         out = BaseModelOutputWithPast(
             last_hidden_state=h,
             hidden_states=tuple(hidden) if hidden is not None else None,
@@ -751,33 +768,34 @@ class BMojoModel(BMojoPreTrainedModel):
         )
         return out if return_dict else out.to_tuple()
 
-    def _parallel(self, h, cache, pad, output_hidden_states, output_attentions):
-        """The parallel form over h (b, T, d). Left-padded rows (``pad`` (b,)) are rolled so that their
-        tokens come first and their padding last, where causality hides it; outputs are rolled back."""
+    def _parallel(self, h, cache, spans, output_hidden_states, output_attentions):
+        """The parallel form over h (b, T, d). Padded rows (``spans``: first token and number of tokens
+        per row) are rolled so that their tokens come first and their padding last, where causality hides
+        it; outputs are rolled back, zero at pads."""
         b, T, _ = h.shape
-        lengths = None
-        if pad is not None:
-            lengths = T - pad
-            h = _roll_rows(h, pad)
-        rope = self._rope(torch.arange(T, device=h.device))
+        first = lengths = None
+        if spans is not None:
+            first, lengths = spans
+            h = _roll_rows(h, first)
+        rope = self._rope(h, torch.arange(T, device=h.device))
         hidden = [] if output_hidden_states else None
         attentions = [] if output_attentions else None
         for i, layer in enumerate(self.layers):
             if hidden is not None:
                 hidden.append(h)
             h, weights = layer(h, rope, cache.layers[i] if cache is not None else None, lengths, output_attentions)
-            if attentions is not None:
+            if weights is not None:
                 attentions.append(weights)
         h = self.norm(h)
         if hidden is not None:
             hidden.append(h)
-        if pad is not None:  # back to the caller's layout, zeros at pads
-            h = _unroll_rows(h, pad)
-            hidden = None if hidden is None else [_unroll_rows(x, pad) for x in hidden]
-            if attentions is not None:
-                attentions = [None if w is None else _unroll_weights(w, pad) for w in attentions]
+        if spans is not None:  # back to the caller's layout, zeros at pads
+            h = _unroll_rows(h, first, lengths)
+            hidden = None if hidden is None else [_unroll_rows(x, first, lengths) for x in hidden]
+            attentions = None if attentions is None else [_unroll_weights(w, first, lengths) for w in attentions]
         if cache is not None:
             cache.positions = torch.full((b,), T, dtype=torch.long, device=h.device) if lengths is None else lengths
+            cache.prompt = spans
             for state in cache.layers:
                 state.seen_tokens = T
         return h, hidden, attentions
@@ -789,14 +807,15 @@ class BMojoModel(BMojoPreTrainedModel):
         outs, per_token, per_token_attn = [], [], []
         for j in range(T):
             x = h[:, j]
-            rope = self._rope(t[:, None])
-            rope_evicted = self._rope((t - self.config.sliding_window)[:, None]) if fading_rope else None
+            rope = self._rope(x, t[:, None])
+            rope_evicted = self._rope(x, (t - self.config.sliding_window)[:, None]) if fading_rope else None
             hid, attn = [], []
             for i, layer in enumerate(self.layers):
                 hid.append(x)
                 x, weights = layer.step(x, t, rope, cache.layers[i], rope_evicted, output_attentions)
-                # (b, Hq, 1, start + j + 1) -> padded to the call's start + T key slots
-                attn.append(None if weights is None else F.pad(weights, (0, T - 1 - j)))
+                if weights is not None:  # (b, Hq, 1, start + j + 1), padded to the call's start + T key slots
+                    weights = F.pad(_weights_by_slot(*weights, t, cache.prompt, start + j), (0, T - 1 - j))
+                attn.append(weights)
             x = self.norm(x)
             hid.append(x)
             outs.append(x)
@@ -809,8 +828,8 @@ class BMojoModel(BMojoPreTrainedModel):
         hidden = [torch.stack([p[i] for p in per_token], 1) for i in range(len(self.layers) + 1)] if output_hidden_states else None
         attentions = None
         if output_attentions:
-            attentions = [None if per_token_attn[0][i] is None else torch.cat([a[i] for a in per_token_attn], 2)
-                          for i in range(len(self.layers))]
+            attentions = [torch.cat([a[i] for a in per_token_attn], 2) for i in range(len(self.layers))
+                          if per_token_attn[0][i] is not None]
         return torch.stack(outs, 1), hidden, attentions
 
 
@@ -821,23 +840,25 @@ def _roll_rows(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, src.view(*src.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
 
 
-def _unroll_rows(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`_roll_rows`, with zeros where the rolled-in padding lands (j < shift[i])."""
+def _unroll_rows(x: torch.Tensor, shift: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_roll_rows`, with zeros outside each row's tokens [shift, shift + length)."""
     T = x.shape[1]
     j = torch.arange(T, device=x.device)[None, :]
     src = torch.remainder(j - shift[:, None], T)
     out = torch.gather(x, 1, src.view(*src.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
-    keep = (j >= shift[:, None]).view(*src.shape, *[1] * (x.dim() - 2))
+    keep = ((j >= shift[:, None]) & (j < (shift + lengths)[:, None])).view(*src.shape, *[1] * (x.dim() - 2))
     return torch.where(keep, out, out.new_zeros(()))
 
 
-def _unroll_weights(w: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+def _unroll_weights(w: torch.Tensor, shift: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Attention weights (b, H, T, T) of rolled rows back to the caller's layout, in queries and keys."""
-    w = _unroll_rows(w.transpose(1, 2), shift)  # (b, Tq, H, Tk)
-    w = _unroll_rows(w.transpose(1, 3), shift)  # (b, Tk, H, Tq)
+    w = _unroll_rows(w.transpose(1, 2), shift, lengths)  # (b, Tq, H, Tk)
+    w = _unroll_rows(w.transpose(1, 3), shift, lengths)  # (b, Tk, H, Tq)
     return w.permute(0, 2, 3, 1)
 
 
+# Keywords of transformers' causal-LM loss (ForCausalLMLoss) that Trainer and users pass to forward.
+LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
 # Keywords that transformers or tokenizers may pass and that a causal LM without them rightly ignores.
 _IGNORED_KWARGS = ("cache_position", "token_type_ids")
 
@@ -884,7 +905,7 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         ``labels`` (b, T) give the shifted next-token cross-entropy, -100 ignored. Other arguments as
         :meth:`BMojoModel.forward`."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
+        loss_kwargs = {k: kwargs.pop(k) for k in LOSS_KWARGS if k in kwargs}
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=take_cache(cache, past_key_values,
                          "BMojoForCausalLM"), inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_attentions=output_attentions, output_hidden_states=output_hidden_states,

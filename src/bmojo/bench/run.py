@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import ops
+from ..hf_compat import cache_kwarg, output_cache
 from .measure import PeakMemory, format_table, machine_description, time_call
 
 COLUMNS = ["model", "impl", "backend", "context", "prefill_tok_s", "decode_tok_s", "peak_mib", "state_kib",
@@ -95,12 +96,12 @@ def _decode_rate(model, ids, n_tokens: int) -> tuple[float, int]:
     """Tokens/s of ``n_tokens`` greedy decoding steps after a prefill of ``ids``; and state bytes."""
     with torch.no_grad():
         out = model(ids, use_cache=True)
-        cache = out.past_key_values
+        cache = output_cache(out)
         nxt = out.logits[:, -1:].argmax(-1)
-        model(nxt, past_key_values=cache, use_cache=True)  # warm-up step
+        model(nxt, cache=cache, use_cache=True)  # warm-up step
         t0 = time.perf_counter()
         for _ in range(n_tokens):
-            nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            nxt = model(nxt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
         if ids.device.type == "cuda":
             torch.cuda.synchronize()
         rate = ids.shape[0] * n_tokens / (time.perf_counter() - t0)
@@ -186,10 +187,9 @@ def run_bench(settings: BenchSettings) -> list[dict]:
 def _hf_decode_rate(model, ids, n_tokens: int) -> tuple[float, None]:
     with torch.no_grad():
         out = model(ids, use_cache=True)
-        is_mamba = "Mamba" in type(model).__name__
-        cache = out.cache_params if is_mamba else out.past_key_values
+        name = cache_kwarg(model)
         nxt = out.logits[:, -1:].argmax(-1)
-        kw = {"cache_params": cache} if is_mamba else {"past_key_values": cache}
+        kw = {name: getattr(out, name)}
         out = model(nxt, use_cache=True, **kw)
         t0 = time.perf_counter()
         for i in range(n_tokens):

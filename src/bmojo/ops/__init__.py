@@ -10,6 +10,7 @@ import torch
 
 from .attention.naive import (
     attention_decode_ref,
+    attention_decode_weights_ref,
     bmojo_attention_ref,
     bmojo_attention_weights_ref,
     bmojo_visibility_masks,
@@ -33,7 +34,7 @@ __all__ = [
     "available_backends", "register_backend", "BackendUnavailableError", "BACKEND_NAMES", "OP_NAMES",
     "selective_scan_ref", "selective_state_update_ref", "causal_conv1d_ref", "causal_conv1d_update_ref",
     "bmojo_attention_ref", "attention_decode_ref", "innovation_select_ref", "innovation_scores_ref",
-    "bmojo_attention_weights_ref", "bmojo_visibility_masks",
+    "bmojo_attention_weights_ref", "attention_decode_weights_ref", "bmojo_visibility_masks",
 ]
 
 

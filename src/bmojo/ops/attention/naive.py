@@ -140,13 +140,22 @@ def attention_decode_ref(
     v: torch.Tensor,
     valid: torch.Tensor | None = None,
     scale: float | None = None,
-    return_probs: bool = False,
-):
+) -> torch.Tensor:
     """Attention of one new query per row over a set of cached keys (the decoding step).
 
-    q (b, Hq, D); k, v (b, S, Hkv, D); valid (b, S) bool. Returns (b, Hq, D) in q's dtype [and the
-    probabilities (b, Hq, S) fp32].
+    q (b, Hq, D); k, v (b, S, Hkv, D); valid (b, S) bool. Returns (b, Hq, D) in q's dtype.
     """
+    return attention_decode_weights_ref(q, k, v, valid, scale)[0]
+
+
+def attention_decode_weights_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attention_decode_ref``'s output (b, Hq, D) and its probabilities over the S keys (b, Hq, S) fp32."""
     b, Hq, D = q.shape
     n_rep = Hq // k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -156,5 +165,4 @@ def attention_decode_ref(
     if valid is not None:
         scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     p = torch.softmax(scores, dim=-1)
-    o = torch.einsum("bhs,bshd->bhd", p, V).to(q.dtype)
-    return (o, p) if return_probs else o
+    return torch.einsum("bhs,bshd->bhd", p, V).to(q.dtype), p
