@@ -34,6 +34,11 @@ every gradient is autograd's through plain torch ops.
 
 Full causal attention (``window=None``) goes to ``scaled_dot_product_attention(is_causal=True)``, or, when
 the log-sum-exp is wanted, to a loop over query blocks with exact scores.
+
+A symbolic T (``torch.export`` with a dynamic T, see :func:`_traceable`) takes
+:func:`_traceable_attention` instead: the gathering kernel's form with every count static (band widths
+without clamps, the chunks a block spans fixed at 1 or 2, padding instead of early exits), so nothing
+branches or loops on T.
 """
 from __future__ import annotations
 
@@ -48,6 +53,14 @@ SCORE_BUDGET = 4 * 2**20  # bytes of fp32 scores per group of query blocks: 4 Mi
 HEAD_SPLIT_WORK = 2**22  # multiply-adds of fading band in a segment's fading-free head worth its own groups
 _FAST_DEVICES = ("cpu", "cuda")
 _LOG2E, _LN2 = 1.0 / math.log(2.0), math.log(2.0)
+
+
+def _traceable(x: torch.Tensor) -> bool:
+    """Whether the sequence length (dim 1) is symbolic: ``torch.export(..., strict=False)`` with a dynamic
+    T (or ``make_fx`` symbolic tracing). Then the op takes its shape-polymorphic path: no Python branch
+    or loop on T, no host read. Eager calls and static-shape tracing keep the fast path; so does dynamo
+    (``torch.compile``, strict export), which shows sizes as ints and guards on them instead."""
+    return isinstance(x.shape[1], torch.SymInt)
 
 
 def _pick_block(window: int, target: int) -> int:
@@ -65,24 +78,33 @@ def _pick_block(window: int, target: int) -> int:
     return target
 
 
-@functools.lru_cache(maxsize=64)
 def _edge_biases(span: int, nbx: int, Bq: int, device: torch.device) -> tuple[tuple[int, int, torch.Tensor], ...]:
     """The column blocks of a band that are only partly visible, with their additive bias (Bq, Bq).
 
     A band has ``Bq`` query rows and ``(nbx+1) Bq`` key columns; column c of query block j is position
     ``(j - nbx) Bq + c`` and row r is ``j Bq + r``, so whether key - query lies in ``(-span, 0]`` is the
     same for every block. Returns (first column, last column + 1, bias with 0 / -inf) per partial block.
+    Which blocks are partial is decided in Python, so tracing sees constants, not a data-dependent branch;
+    the biases are cached in eager mode only (a cache must not keep tensors created while tracing).
     """
-    S = (nbx + 1) * Bq
-    rel = torch.arange(S)[None, :] - nbx * Bq - torch.arange(Bq)[:, None]
-    vis = (rel <= 0) & (rel > -span)
+    if torch.compiler.is_compiling():
+        return _make_edge_biases(span, nbx, Bq, device)
+    return _cached_edge_biases(span, nbx, Bq, device)
+
+
+def _make_edge_biases(span: int, nbx: int, Bq: int, device: torch.device):
     out = []
     for kb in range(nbx + 1):
-        sub = vis[:, kb * Bq : (kb + 1) * Bq]
-        if not bool(sub.all()):
-            bias = torch.zeros(Bq, Bq).masked_fill_(~sub, float("-inf"))
-            out.append((kb * Bq, (kb + 1) * Bq, bias.to(device)))
+        # key - query over the block ranges over [(kb - nbx) Bq - (Bq - 1), (kb - nbx) Bq + (Bq - 1)]
+        if (kb - nbx) * Bq - (Bq - 1) > -span and (kb - nbx) * Bq + (Bq - 1) <= 0:
+            continue  # fully visible
+        rel = torch.arange(kb * Bq, (kb + 1) * Bq, device=device)[None, :] - nbx * Bq - torch.arange(Bq, device=device)[:, None]
+        visible = (rel <= 0) & (rel > -span)
+        out.append((kb * Bq, (kb + 1) * Bq, torch.zeros(Bq, Bq, device=device).masked_fill_(~visible, float("-inf"))))
     return tuple(out)
+
+
+_cached_edge_biases = functools.lru_cache(maxsize=64)(_make_edge_biases)
 
 
 def _segment_layout(x: torch.Tensor, shift: int, front_rows: int, Tp: int) -> torch.Tensor:
@@ -400,6 +422,111 @@ def _gathered(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_va
     return o, lse
 
 
+def _first(t: torch.Tensor, n) -> torch.Tensor:
+    """The first ``n`` rows of dim 1, as a fresh tensor: a gather, since a slice ``[:, :n]`` of a padded
+    length makes ``torch.export`` guard on the (unprovable) relation between n and that length."""
+    return t.index_select(1, torch.arange(n, device=t.device))
+
+
+def _static_band(x: torch.Tensor, span: int, shift: int, n_blk, Bq: int):
+    """:func:`_band` with no branch on T (``n_blk`` may be symbolic): x (b, H, T, D) fp32 -> K or V
+    (b, H, n_blk, S, D) and the mask (n_blk, Bq, S) of the band of width ``span`` on x shifted right by
+    ``shift``. The band always spans ``nb = ceil((span-1)/Bq)`` blocks before the query's own (zeros before
+    the sequence, masked) and may be fully masked. x is padded to ``nb + n_blk + ceil(shift/Bq)`` blocks
+    so that the padding amounts are non-negative and every slice ends a constant away from its axis' end
+    (what ``torch.export`` can prove without a guard on T)."""
+    b, H, T, D = x.shape
+    nb = -(-(span - 1) // Bq)
+    extra = -(-shift // Bq)
+    Tp = n_blk * Bq
+    # padded index j <-> shifted position j - nb*Bq; length (nb + n_blk + extra) Bq >= nb Bq + shift + T
+    xp = F.pad(x, (0, 0, nb * Bq + shift, Tp - T + extra * Bq - shift))
+    # block i sees padded blocks i..i+nb: nb+1 shifted copies, each viewed as blocks like the queries
+    xb = torch.stack([xp[:, :, o * Bq : o * Bq + Tp].view(b, H, n_blk, Bq, D) for o in range(nb + 1)], dim=3)
+    S = (nb + 1) * Bq
+    j = torch.arange(S, device=x.device)
+    rel = j[None, :] - nb * Bq - torch.arange(Bq, device=x.device)[:, None]  # key - query, every block
+    band = (rel <= 0) & (rel > -span)  # (Bq, S)
+    pos = torch.arange(n_blk, device=x.device)[:, None] * Bq + j[None, :] - nb * Bq  # shifted key position
+    return xb.reshape(b, H, n_blk, S, D), band[None] & (pos >= shift)[:, None, :]
+
+
+def _traceable_attention(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_valid, scale, return_lse,
+                         Bq):
+    """The op with no Python control flow on T (the path for a symbolic T; also correct eagerly).
+
+    ``window=None``: SDPA, or exact (T, T) scores when the log-sum-exp is wanted. Else the gathering
+    kernel's form: query blocks of ``Bq`` read copies of their window band, fading band and the memory
+    slots of the 1 (``Bq | w``) or 2 chunks a block spans, one masked fp32 softmax over the union. T is
+    padded to ``ceil(T/Bq) + 1`` blocks (one more than needed, so that no symbolic size is ever 1: under
+    ``torch.export`` that would add a guard on T) and the memory with 2 invalid chunks (the padded blocks'
+    chunks), so no index is clamped. Memory O(T (w + m_f + m_e)); differentiable by autograd."""
+    b, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    R = Hq // Hkv
+    device = q.device
+    if w is None:
+        if not return_lse:
+            return _full_causal(q, k, v, scale, False)
+        qt, kt, vt = (t.float().transpose(1, 2) for t in (q, k, v))  # (b, H, T, D)
+        sc = torch.matmul(qt.reshape(b, Hkv, R, T, D), kt[:, :, None].transpose(-1, -2)) * scale
+        i = torch.arange(T, device=device)
+        sc = sc.masked_fill(i[None, :] > i[:, None], float("-inf"))
+        lse = torch.logsumexp(sc, dim=-1)  # (b, Hkv, R, T)
+        o = torch.matmul(torch.exp(sc - lse[..., None]), vt[:, :, None])
+        return (o.reshape(b, Hq, T, D).transpose(1, 2).to(q.dtype).contiguous(),
+                lse.reshape(b, Hq, T).transpose(1, 2).contiguous())
+
+    n_blk = (T + 2 * Bq - 1) // Bq  # ceil(T / Bq) + 1 >= 2
+    Tp = n_blk * Bq
+    qf = F.pad(q.float(), (0, 0, 0, 0, 0, Tp - T))
+    qb = qf.view(b, n_blk, Bq, Hkv, R, D).permute(0, 3, 1, 4, 2, 5).reshape(b, Hkv, n_blk, R * Bq, D)
+
+    keys, values, masks = [], [], []
+    bands = [((k, v), w, 0)]
+    if k_fading is not None and m_f > 0:
+        bands.append(((k_fading, v_fading), m_f, w))
+    for (kk, vv), span, shift in bands:
+        K_, mask = _static_band(kk.float().transpose(1, 2), span, shift, n_blk, Bq)
+        V_, _ = _static_band(vv.float().transpose(1, 2), span, shift, n_blk, Bq)
+        keys.append(K_)
+        values.append(V_)
+        masks.append(mask[None].expand(b, -1, -1, -1))
+
+    if k_memory is not None:
+        n_chunks, m_e = k_memory.shape[1], k_memory.shape[2]
+        n_span = 1 if w % Bq == 0 else 2  # chunks one block touches (Bq <= w)
+        blk_start = torch.arange(n_blk, device=device) * Bq
+        cid = blk_start[:, None] // w + torch.arange(n_span, device=device)[None, :]  # (n_blk, n_span) <= chunks + 1
+        pad_c = (0, 0, 0, 0, 0, 0, 0, 2)
+        km, vm = F.pad(k_memory, pad_c).float(), F.pad(v_memory, pad_c).float()  # (b, chunks + 2, m_e, Hkv, D)
+        real = (torch.arange(n_chunks + 2, device=device) < n_chunks)[None, :, None].expand(b, -1, m_e)
+        valid = real if memory_valid is None else F.pad(memory_valid.bool(), (0, 0, 0, 2)) & real
+        keys.append(km[:, cid].permute(0, 4, 1, 2, 3, 5).reshape(b, Hkv, n_blk, n_span * m_e, D))
+        values.append(vm[:, cid].permute(0, 4, 1, 2, 3, 5).reshape(b, Hkv, n_blk, n_span * m_e, D))
+        t_chunk = (blk_start[:, None] + torch.arange(Bq, device=device)[None, :]) // w  # (n_blk, Bq)
+        same = t_chunk[:, :, None] == cid[:, None, :]  # (n_blk, Bq, n_span)
+        vis = same[None, :, :, :, None] & valid[:, cid][:, :, None]  # (b, n_blk, Bq, n_span, m_e)
+        masks.append(vis.reshape(b, n_blk, Bq, n_span * m_e))
+
+    K = torch.cat(keys, 3) if len(keys) > 1 else keys[0]  # (b, Hkv, n_blk, S, D)
+    V = torch.cat(values, 3) if len(values) > 1 else values[0]
+    mask = torch.cat(masks, -1) if len(masks) > 1 else masks[0]  # (b, n_blk, Bq, S)
+    S = K.shape[3]
+    scores = (torch.matmul(qb, K.transpose(-1, -2)) * scale).view(b, Hkv, n_blk, R, Bq, S)
+    scores = scores.masked_fill(~mask[:, None, :, None], float("-inf"))  # every row sees its own key
+    if return_lse:
+        lse = torch.logsumexp(scores, dim=-1)  # (b, Hkv, n_blk, R, Bq)
+        p = torch.exp(scores - lse[..., None])
+    else:
+        p = torch.softmax(scores, dim=-1)
+    o = torch.matmul(p.view(b, Hkv, n_blk, R * Bq, S), V)  # (b, Hkv, n_blk, R*Bq, D)
+    o = _first(o.view(b, Hkv, n_blk, R, Bq, D).permute(0, 2, 4, 1, 3, 5).reshape(b, Tp, Hq, D), T).to(q.dtype)
+    if not return_lse:
+        return o
+    return o, _first(lse.permute(0, 2, 4, 1, 3).reshape(b, Tp, Hq), T)
+
+
 def _full_causal(q, k, v, scale, return_lse, block: int = 128):
     """window=None: plain causal attention in fp32. q (b, T, Hq, D); k, v (b, T, Hkv, D)."""
     b, T, Hq, D = q.shape
@@ -451,6 +578,11 @@ def bmojo_attention_blocksparse(
     """
     b, T, Hq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if _traceable(q):
+        return _traceable_attention(q, k, v, window, k_fading, v_fading,
+                                    window if fading_window is None else fading_window, k_memory, v_memory,
+                                    memory_valid, scale, return_lse,
+                                    None if window is None else _pick_block(window, block_size))
     if T == 0:
         o = q.new_empty(b, 0, Hq, D)
         return (o, q.new_empty(b, 0, Hq, dtype=torch.float32)) if return_lse else o

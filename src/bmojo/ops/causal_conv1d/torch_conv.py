@@ -4,6 +4,10 @@ Measured on a 2-core CPU at (b, T, d, K) = (1, 2048, 1024, 4): ``F.conv1d(groups
 layout costs ~38 ms (two transposes plus a slow depthwise kernel); K ``addcmul`` on contiguous
 (b, T, d) slices costs ~8 ms forward (~34 vs ~50 ms forward + backward), so the taps win. It loops over
 the K taps, never over T.
+
+With a symbolic T (``torch.export`` with a dynamic T, see :func:`_traceable`), the
+slice bounds above would branch on T; :func:`causal_conv1d_traceable` reads the taps from one
+left-padded copy ``[state or zeros; x]`` instead, with no Python control flow on T.
 """
 from __future__ import annotations
 
@@ -11,6 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from .naive import _activate
+
+
+def _traceable(x: torch.Tensor) -> bool:
+    """Whether the sequence length (dim 1) is symbolic: ``torch.export(..., strict=False)`` with a dynamic
+    T (or ``make_fx`` symbolic tracing). Then the op takes its shape-polymorphic path: no Python branch
+    or loop on T, no host read. Eager calls and static-shape tracing keep the fast path; so does dynamo
+    (``torch.compile``, strict export), which shows sizes as ints and guards on them instead."""
+    return isinstance(x.shape[1], torch.SymInt)
 
 
 def causal_conv1d_torch(
@@ -27,6 +39,8 @@ def causal_conv1d_torch(
     (zeros if None). Returns y (b, T, d) in x's dtype and, if asked, the final state (b, d, K-1): the
     last K-1 inputs, left-padded with the initial state when T < K-1.
     """
+    if _traceable(x):
+        return causal_conv1d_traceable(x, weight, bias, activation, initial_state, return_final_state)
     b, T, d = x.shape
     K = weight.shape[-1]
     _activate(x.new_empty(0), activation)  # reject a bad activation name before any work
@@ -58,6 +72,32 @@ def causal_conv1d_torch(
             prev = x.new_zeros(b, K - 1, d)
         xp = torch.cat([prev, x[:, max(T - (K - 1), 0):]], dim=1)  # only the last K-1 inputs are kept
         return y, xp[:, xp.shape[1] - (K - 1):].transpose(1, 2).contiguous()
+    return y
+
+
+def causal_conv1d_traceable(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+):
+    """:func:`causal_conv1d_torch` with no Python control flow on T (the path for a symbolic T; also
+    correct eagerly). Tap j reads ``xp[j : j + T]`` of ``xp = [state or zeros; x]`` (b, K-1+T, d), in the
+    fast path's order (last tap first, the bias fused), so the result is the same bit for bit."""
+    b, T, d = x.shape
+    K = weight.shape[-1]
+    _activate(x.new_empty(0), activation)
+    prev = x.new_zeros(b, K - 1, d) if initial_state is None else initial_state.to(x.dtype).transpose(1, 2)
+    xp = torch.cat([prev, x], dim=1)  # (b, K-1+T, d) in x's dtype
+    xpf, wf = xp.float(), weight.float().t()
+    y = x.float() * wf[K - 1] if bias is None else torch.addcmul(bias.float(), x.float(), wf[K - 1])
+    for j in range(K - 1):  # static: the taps
+        y = torch.addcmul(y, xpf[:, j : j + T], wf[j])
+    y = _activate(y, activation).to(x.dtype)
+    if return_final_state:
+        return y, xp[:, T:].transpose(1, 2).contiguous()  # the last K-1 inputs
     return y
 
 

@@ -1,12 +1,25 @@
 """Eidetic-memory selection in O(T * (w + m_e)): the memory is merged chunk by chunk, exactly as the
 decoder updates it, instead of ranking all T positions for every chunk. The innovation scores are
 computed in place in one buffer, with the reference's arithmetic in the reference's order, so they are
-bitwise equal to ``innovation_scores_ref`` (the decoder's) and the selection cannot differ on near ties."""
+bitwise equal to ``innovation_scores_ref`` (the decoder's) and the selection cannot differ on near ties.
+
+With a symbolic T (``torch.export`` with a dynamic T, see :func:`_traceable`) the loop
+over chunks cannot be traced; :func:`innovation_select_traceable` selects the same positions without it,
+and the scores are the reference's ops."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from .naive import rank_candidates
+from .naive import innovation_scores_ref, rank_candidates
+
+
+def _traceable(x: torch.Tensor) -> bool:
+    """Whether the sequence length (dim 1) is symbolic: ``torch.export(..., strict=False)`` with a dynamic
+    T (or ``make_fx`` symbolic tracing). Then the op takes its shape-polymorphic path: no Python branch
+    or loop on T, no host read. Eager calls and static-shape tracing keep the fast path; so does dynamo
+    (``torch.compile``, strict export), which shows sizes as ints and guards on them instead."""
+    return isinstance(x.shape[1], torch.SymInt)
 
 
 def merge_memory(mem_eps, mem_pos, cand_eps, cand_pos, slots: int):
@@ -46,6 +59,8 @@ def innovation_scores_inplace(f: torch.Tensor, taps: int, f_history: torch.Tenso
     """Bitwise the same as ``innovation_scores_ref`` (not differentiated), with one (b, T, d) fp32
     buffer instead of a padded copy and a temporary per operation: pred = ((f[s-1] + f[s-2]) + ...) /
     taps, then (f[s] - pred)^2, then the mean over channels, each op as the reference runs it."""
+    if _traceable(f):  # the slice bounds below branch on T; the reference's own ops do not
+        return innovation_scores_ref(f, taps, f_history)
     b, T, d = f.shape
     fp = f.float()
     hist = None if f_history is None else f_history.to(f.dtype).float()  # (b, taps, d), oldest first
@@ -69,6 +84,58 @@ def innovation_scores_inplace(f: torch.Tensor, taps: int, f_history: torch.Tenso
     return pred.mul_(pred).mean(-1)
 
 
+def select_from_scores_traceable(eps: torch.Tensor, window: int, slots: int):
+    """Same result as ``select_from_scores_ref`` (and :func:`select_from_scores_chunked`) with no Python
+    control flow on T: eps (b, T) -> positions, valid (b, chunks, slots).
+
+    Chunk c sees the positions s <= (c-1) w, i.e. the groups g < c of ``((g-1) w, g w]`` (group 0 is
+    position 0 alone). The best ``k = min(slots, w)`` of each group (largest eps, earlier position on
+    ties; -inf outside the sequence) are the only candidates any chunk can keep; each chunk ranks those
+    of its visible groups with the reference's ``rank_candidates`` (largest eps first, the earlier
+    position winning ties). Memory O(b (T/w)^2 k).
+
+    Shapes under ``torch.export``: every tensor here has ``chunks + 1`` rows (never a size that may be 1,
+    which would add a guard on T), and the outputs are (b, chunks, slots) views of (b, slots, chunks + 1)
+    tensors, whose layout export can tell apart from a contiguous one without a guard on T.
+    """
+    b, T = eps.shape
+    w = window
+    n_chunks = -(-T // w)
+    G = n_chunks + 1  # groups 0..chunks (the last only pads); rows of chunks 0..chunks (the last dropped)
+    NEG = float("-inf")
+    k = min(slots, w)
+    # group g, entry i <-> position (g-1) w + 1 + i, read from eps padded with w-1 entries in front
+    ep = F.pad(eps.float(), (w - 1, 2 * w), value=NEG)
+    gi = torch.arange(G, device=eps.device)
+    grp = ep[:, gi[:, None] * w + torch.arange(w, device=eps.device)[None, :]]  # (b, G, w); index < T + 2w - 1
+    best = torch.sort(grp, dim=-1, descending=True, stable=True).indices[..., :k]  # (b, G, k)
+    # candidates (b, k G), rank-major (the k-th best of every group, then the next): cat, not a reshape
+    # (merging a symbolic dim into another adds a guard under export); ties go by position below
+    cand_eps = torch.cat([torch.gather(grp, -1, best[:, :, r : r + 1])[..., 0] for r in range(k)], 1)
+    cand_pos = torch.cat([gi * w - (w - 1) + best[:, :, r] for r in range(k)], 1)
+    cand_grp = torch.cat([gi] * k)  # (k G,)
+    masked = cand_eps[:, None, :].masked_fill(cand_grp[None, None, :] >= gi[None, :, None], NEG)  # row c: groups < c
+    masked = torch.cat([masked, masked.new_full((b, G, slots), NEG)], -1)  # at least `slots` candidates
+    cand_pos = F.pad(cand_pos, (0, slots))[:, None, :].expand(b, G, -1)
+    idx = rank_candidates(masked, cand_pos, slots)  # (b, rows, slots): eps descending, earlier position first
+    valid = torch.gather(masked, -1, idx) > NEG
+    pos = torch.gather(cand_pos, -1, idx)
+    pos = torch.where(valid, pos, torch.zeros_like(pos))
+    # drop the last row: transposed (slot-major) first, so no intermediate is a contiguous (.., chunks, ..)
+    return (pos.transpose(1, 2).contiguous().transpose(1, 2)[:, :n_chunks],
+            valid.transpose(1, 2).contiguous().transpose(1, 2)[:, :n_chunks])
+
+
+def innovation_select_traceable(f: torch.Tensor, window: int, slots: int, taps: int):
+    """:func:`innovation_select_chunked` with no Python control flow on T (the path for a symbolic T; also
+    correct eagerly). The scores are the reference's ops, bitwise equal to :func:`innovation_scores_inplace`."""
+    with torch.no_grad():
+        eps = innovation_scores_ref(f, taps)
+    return select_from_scores_traceable(eps, window, slots)
+
+
 def innovation_select_chunked(f: torch.Tensor, window: int, slots: int, taps: int):
     """f (b, T, d) -> memory positions (b, ceil(T/w), slots) and validity (SPEC 1.1 steps 3-4)."""
+    if _traceable(f):
+        return innovation_select_traceable(f, window, slots, taps)
     return select_from_scores_chunked(innovation_scores_inplace(f, taps), window, slots)

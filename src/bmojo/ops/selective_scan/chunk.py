@@ -24,6 +24,10 @@ The backward is hand-written (``_ChunkedScan``): it keeps only the chunk start s
 (b, T/L, G, N, P) and recomputes each chunk's states, then runs the adjoint recurrence
 ``g_u_t = g_h_t + a_{t+1} g_u_{t+1}`` with the same scan, reversed. Memory stays O(b T d + b (T/L) d N)
 instead of the O(b T d N) autograd would keep.
+
+Symbolic sequence lengths (``torch.export`` with a dynamic T; see :func:`_traceable`)
+take :func:`selective_scan_traceable` instead: the same recurrence with no Python control flow on T
+(the loops above run over chunks and scan levels whose counts depend on T).
 """
 from __future__ import annotations
 
@@ -32,6 +36,14 @@ import torch.nn.functional as F
 
 DEFAULT_CHUNK = 128  # d=512, N=16, one thread, whole model: 64 and 128 within ~2%, 256 ~8% slower, 32 ~10% slower
 LOG2E = 1.4426950408889634
+
+
+def _traceable(x: torch.Tensor) -> bool:
+    """Whether the sequence length (dim 1) is symbolic: ``torch.export(..., strict=False)`` with a dynamic
+    T (or ``make_fx`` symbolic tracing). Then the op takes its shape-polymorphic path: no Python branch
+    or loop on T, no host read. Eager calls and static-shape tracing keep the fast path; so does dynamo
+    (``torch.compile``, strict export), which shows sizes as ints and guards on them instead."""
+    return isinstance(x.shape[1], torch.SymInt)
 
 
 def _decay_exponent(A: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -266,6 +278,9 @@ def selective_scan_chunked(
     i // (d / G)); D, dt_bias (d,); initial_state (b, d, N). Returns y (b, T, d) in x's dtype and, if
     ``return_final_state``, the final state (b, d, N) fp32. All arithmetic (and the state) is fp32.
     """
+    if _traceable(x):
+        return selective_scan_traceable(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state,
+                                        return_final_state, chunk_size)
     dtype_in = x.dtype
     b, T, d = x.shape
     N = A.shape[-1]
@@ -304,6 +319,98 @@ def selective_scan_chunked(
         y = y * F.silu(z.float())
     y = y.to(dtype_in)
     return (y, h.transpose(2, 3).reshape(b, d, N)) if return_final_state else y
+
+
+def _shift_right(t: torch.Tensor, k: int, fill: float) -> torch.Tensor:
+    """t (b, nC, L, ...) shifted right by ``k`` along the chunk axis (dim 2), ``fill`` entering on the left."""
+    pad = [0, 0] * (t.dim() - 3) + [k, 0]
+    return F.pad(t[:, :, : t.shape[2] - k], pad, value=fill)
+
+
+def selective_scan_traceable(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = True,
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+    chunk_size: int = DEFAULT_CHUNK,
+):
+    """Selective scan with no Python control flow on T (same contract as ``selective_scan_ref``): the path
+    taken when T is symbolic (:func:`_traceable`); also correct, and differentiable by autograd through
+    plain torch ops, when called eagerly.
+
+    T is padded with dt' = 0 (decay 1, no input: the state passes through the padding unchanged, so the
+    last padded state is the final state) to ``nC = ceil(T / L) + 1`` chunks of ``L = chunk_size``: one
+    chunk more than needed, so that no size is ever 1 (under ``torch.export``, recording a tensor whose
+    symbolic size may be 1 adds a guard on it, and a guard on T is an export error).
+
+    * inside each chunk, a log-depth (Hillis-Steele) scan with a static ``ceil(log2 L)`` levels of
+      ``(a, u) <- (a a_{<-k}, u + a u_{<-k})`` on (b, nC, L, d, N): ``u`` becomes the chunk's states from a
+      zero start and ``a`` the decay from the chunk start (products of factors in [0, 1]: finite);
+    * across chunks, a closed form over the chunk ends, with the initial state as an extra chunk -1
+      whose local state is ``h0``: ``H_c = sum_{c' <= c} exp(sum_{c' < c'' <= c} l_c'') u_end_c'``, ``l``
+      each chunk's total log-decay. The exponent is a cumulative sum over ``c''`` of ``l`` masked to
+      ``c'' > c'`` (zero below, so it is accumulated from zero at ``c'``, never as a difference of two
+      large prefix sums), ``-inf`` where ``c' > c``: every weight is in [0, 1]. An (nC+1, nC+1) weight
+      per (b, d, N): memory O(b (T/L)^2 d N) beside the states, O(b T d N) (what autograd keeps anyway;
+      the fast path keeps O(b T d) by looping over chunks, which a symbolic T cannot).
+    * ``h_t = u_t + a_t H_{c-1}``, ``y_t = C_t h_t``, then the D skip and the z gate.
+    """
+    dtype_in = x.dtype
+    b, T, d = x.shape
+    N = A.shape[-1]
+    L = int(chunk_size)
+    nC = (T + 2 * L - 1) // L  # ceil(T / L) + 1 >= 2
+    Tp = nC * L
+    xf, dtf = x.float(), dt.float()
+    if dt_bias is not None:
+        dtf = dtf + dt_bias.float()
+    if dt_softplus:
+        dtf = F.softplus(dtf)
+    Bg, Cg = _grouped(B.float()), _grouped(C.float())
+    G = Bg.shape[2]
+    P = d // G
+    pad_t = (0, 0, 0, 0, 0, Tp - T)  # (b, T, d, N): pad T at the end
+    log_a = F.pad(dtf[..., None] * A.float(), pad_t).view(b, nC, L, d, N)  # dt' A <= 0; 0 over the padding
+    u = (dtf * xf).view(b, T, G, P, 1) * Bg[:, :, :, None, :]
+    u = F.pad(u.reshape(b, T, d, N), pad_t).view(b, nC, L, d, N)
+    a = torch.exp(log_a)
+    k = 1
+    while k < L:  # static: log2(L) levels
+        u = u + a * _shift_right(u, k, 0.0)
+        a = a * _shift_right(a, k, 1.0)
+        k *= 2
+    # chunk ends, with h0 as chunk -1 (total log-decay 0)
+    h0 = x.new_zeros(b, d, N, dtype=torch.float32) if initial_state is None else initial_state.float()
+    ends = torch.cat([h0[:, None], u[:, :, L - 1]], 1)  # (b, nC+1, d, N)
+    l_tot = F.pad(log_a.sum(2), (0, 0, 0, 0, 1, 0))  # (b, nC+1, d, N)
+    ci = torch.arange(nC + 1, device=x.device)
+    later = ci[:, None] > ci[None, :]  # [c'', c']: c'' > c'
+    expo = torch.where(later[None, :, :, None, None], l_tot[:, :, None], 0.0).cumsum(1)  # [b, c, c', d, N]
+    expo = torch.where((ci[:, None] >= ci[None, :])[None, :, :, None, None], expo, float("-inf"))
+    H = (torch.exp(expo) * ends[:, None]).sum(2)  # (b, nC+1, d, N): state after chunk c (index c+1)
+    h = u + a * H[:, :nC, None]  # every padded position's state (b, nC, L, d, N)
+    Cp = F.pad(Cg, (0, 0, 0, 0, 0, Tp - T)).view(b, nC, L, G, N, 1)
+    y = torch.matmul(h.view(b, nC, L, G, P, N), Cp)
+    y = _first(y.reshape(b, Tp, d), T)
+    if D is not None:
+        y = torch.addcmul(y, xf, D.float())
+    if z is not None:
+        y = y * F.silu(z.float())
+    y = y.to(dtype_in)
+    return (y, H[:, nC]) if return_final_state else y
+
+
+def _first(t: torch.Tensor, n) -> torch.Tensor:
+    """The first ``n`` rows of dim 1, as a fresh tensor: a gather, since a slice ``[:, :n]`` of a padded
+    length makes ``torch.export`` guard on the (unprovable) relation between n and that length."""
+    return t.index_select(1, torch.arange(n, device=t.device))
 
 
 def selective_state_update_step(
