@@ -46,43 +46,46 @@ def test_step_by_step_matches_parallel(stack, rope):
 
 @pytest.mark.parametrize("kv_heads", [2, 1], ids=["keep-f", "keep-kv"])
 @pytest.mark.parametrize("fading_window", [0, 1, 13], ids=lambda m: f"m_f={m}")
-def test_state_holds_spec_sizes_and_matches_parallel(fading_window, kv_heads):
-    """SPEC 1.3 sizes: a ring of w keys/values, m_f fading keys/values, m_e slots for this chunk and the
-    next (no candidate ring), and for the window's tokens their SSM outputs (d = 32 <= 2 Hkv D = 32) or,
-    when smaller (2 Hkv D = 16), their fading keys/values. Fading windows shorter and longer than w (=8),
-    with RoPE (fading keys rotate to their own positions)."""
+def test_state_holds_its_documented_sizes_and_matches_parallel(fading_window, kv_heads):
+    """The decoding state (bmojo.cache): a ring of w keys/values, m_f fading keys/values, m_e slots for
+    this chunk and the next (no candidate ring), and for the window's tokens their SSM outputs
+    (d = 32 <= 2 Hkv D = 32) or, when smaller (2 Hkv D = 16), their fading keys/values. Fading windows
+    shorter and longer than w (=8), with RoPE (fading keys rotate to their own positions)."""
     model = _model("bmojo", fading_window=fading_window, rope_theta=10000.0, num_key_value_heads=kv_heads)
     ids = torch.randint(0, 64, (2, T))
     with torch.no_grad():
         parallel = model(ids).logits
         cache = BMojoCache(model.config)
-        head = model(ids[:, :3], cache=cache, use_cache=True).logits
-        steps = [model(ids[:, j : j + 1], cache=cache, use_cache=True).logits for j in range(3, T)]
+        head = model(ids[:, :3], past_key_values=cache, use_cache=True).logits
+        steps = [model(ids[:, j : j + 1], past_key_values=cache, use_cache=True).logits for j in range(3, T)]
     torch.testing.assert_close(torch.cat([head, *steps], 1), parallel, atol=1e-4, rtol=0)
-    c = model.config
-    lengths = {name: x.shape[1] for name, x in cache.layers[0].tensors.items() if x.dim() > 1}
-    expected = {"k": 8, "v": 8, "eps": 8, "f_hist": c.innovation_taps, "mem_k": 3, "mem_v": 3, "mem_eps": 3,
-                "mem_pos": 3, "next_k": 3, "next_v": 3, "next_eps": 3, "next_pos": 3}
-    if fading_window:
-        expected.update(kf=fading_window, vf=fading_window)
-        expected.update(f=8) if kv_heads == 2 else expected.update(kf_window=8, vf_window=8)
-    mamba = {"conv", "ssm"}
-    assert {n: l for n, l in lengths.items() if n not in mamba} == expected
+    c, state = model.config, cache.layers[0]
+    d, kv = c.hidden_size, (c.num_key_value_heads, c.head_dim)
+    assert state.window.k.shape == state.window.v.shape == (2, 8, *kv)
+    assert (state.eidetic.history.shape, state.eidetic.scores.eps.shape) == ((2, c.innovation_taps, d), (2, 8))
+    for slots in (state.eidetic.current, state.eidetic.upcoming):
+        assert slots.k.shape == (2, 3, *kv) and slots.eps.shape == slots.pos.shape == (2, 3)
+    if not fading_window:
+        assert state.fading is None
+        return
+    assert state.fading.ring.k.shape == (2, fading_window, *kv)
+    if kv_heads == 2:
+        assert state.fading.window_f.f.shape == (2, 8, d) and state.fading.window_kv is None
+    else:
+        assert state.fading.window_kv.k.shape == (2, 8, *kv) and state.fading.window_f is None
+    assert cache.state_nbytes()[0] == state.nbytes()
 
 
-@pytest.mark.parametrize("host_reads", [True, False], ids=["cpu-skip", "tensor-only"])
-def test_memory_merge_paths_match_parallel(host_reads, monkeypatch):
-    """On CPU the step skips the eidetic merge when no row starts a chunk; accelerators take the
-    tensor-only path (merge computed every step, applied where a row starts a chunk). Both equal the
-    parallel forward, with rows at different positions (left padding) so their chunk boundaries fall
-    on different steps."""
-    import bmojo.modeling_bmojo as modeling
-
-    monkeypatch.setattr(modeling, "_host_reads_are_free", lambda device: host_reads)
+@pytest.mark.parametrize("rows", ["uniform", "per-row"])
+def test_memory_update_paths_match_parallel(rows):
+    """When every row sits at the same position the host knows where chunks begin and merges memory
+    only there; rows at different positions (left padding) take the tensor-only path, which merges
+    every step and applies it where a row starts a chunk. Both equal the parallel forward."""
     model = _model("bmojo")
     ids = torch.randint(1, 64, (2, T))
     mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # row 1 starts 3 positions later
+    if rows == "per-row":
+        mask[1, :3] = 0  # row 1 starts 3 positions later: its chunk boundaries fall on other steps
     new = 2 * 8 + 1
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, output_logits=True,
@@ -112,13 +115,13 @@ def test_prefill_then_steps_matches_parallel(stack, split):
 def test_memory_is_used():
     """The eidetic slots change the output (so the equivalence tests above exercise them)."""
     model = _model("bmojo")
+    fewer = BMojoForCausalLM(tiny_config(STACKS["bmojo"], memory_slots=1)).eval()
+    fewer.load_state_dict(model.state_dict())
     ids = torch.randint(0, 64, (1, T))
     with torch.no_grad():
-        with_memory = model(ids).logits
-        model.config.memory_slots = 1
-        fewer = model(ids).logits
-    assert not torch.allclose(with_memory[:, 16:], fewer[:, 16:], atol=1e-5)
-    torch.testing.assert_close(with_memory[:, :8], fewer[:, :8])  # chunk 0 has no memory either way
+        with_memory, with_one = model(ids).logits, fewer(ids).logits
+    assert not torch.allclose(with_memory[:, 16:], with_one[:, 16:], atol=1e-5)
+    torch.testing.assert_close(with_memory[:, :8], with_one[:, :8])  # chunk 0 has no memory either way
 
 
 @pytest.mark.parametrize("stack", ["bmojo", "mixed", "mamba", "attention"])
@@ -157,3 +160,42 @@ def test_state_size_is_constant_except_full_attention():
             assert sizes[60][i] > sizes[20][i]
         else:
             assert sizes[60][i] == sizes[20][i], lt
+
+
+RESUME_SPLITS = [(8,), (5, 12), (7, 9, 30), (1, 17, 18), (16, 24, 25, 33)]  # on, before and after chunk starts
+
+
+@pytest.mark.parametrize("splits", RESUME_SPLITS, ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize("stack", list(STACKS))
+def test_resume_in_parallel_matches_parallel(stack, splits):
+    """Tokens after a cache run in parallel from its state (a chat's next turn, chunked prefill): the
+    logits of every piece, and the state left for the next, equal one parallel forward (and so
+    step-by-step decoding), with RoPE on every key."""
+    model = _model(stack, rope_theta=10000.0)
+    ids = torch.randint(0, 64, (2, T))
+    with torch.no_grad():
+        parallel = model(ids).logits
+        cache = BMojoCache(model.config)
+        bounds = (0, *splits, T)
+        pieces = [model(ids[:, a:b], cache=cache).logits for a, b in zip(bounds, bounds[1:])]
+    torch.testing.assert_close(torch.cat(pieces, 1), parallel, atol=1e-4, rtol=0)
+    assert cache.get_seq_length() == T
+
+
+@pytest.mark.parametrize("stack", ["bmojo", "mixed"])
+def test_resume_after_a_padded_prompt_matches_each_row_alone(stack):
+    """Rows at different positions (a left-padded prompt) resume together: their chunks begin at
+    different new tokens, and each row still gets exactly its own result."""
+    model = _model(stack, rope_theta=10000.0)
+    ids = torch.randint(1, 64, (3, T))
+    pads = [0, 3, 9]
+    mask = torch.ones_like(ids)
+    for i, p in enumerate(pads):
+        mask[i, :p] = 0
+    with torch.no_grad():
+        cache = BMojoCache(model.config)
+        head = model(ids[:, :14], attention_mask=mask[:, :14], cache=cache).logits
+        tail = model(ids[:, 14:], cache=cache).logits
+        for i, p in enumerate(pads):
+            alone = model(ids[i : i + 1, p:]).logits[0]
+            torch.testing.assert_close(torch.cat([head[i, p:], tail[i]]), alone, atol=1e-4, rtol=0)

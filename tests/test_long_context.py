@@ -39,7 +39,7 @@ def test_step_by_step_matches_at_sampled_positions(long_run, end):
         steps = torch.cat([model(ids[:, j : j + 1], cache=cache, use_cache=True).logits
                            for j in range(start, end)], 1)
     torch.testing.assert_close(steps, logits[:, start:end], atol=1e-4, rtol=0)
-    mem_pos = cache.layers[0]["mem_pos"]
+    mem_pos = cache.layers[0].eidetic.current.pos
     assert int(mem_pos.min()) < start - 1000  # the eidetic memory reaches far behind the window
 
 

@@ -18,7 +18,8 @@ def test_round_trip_and_auto_classes(tmp_path):
     files = set(os.listdir(tmp_path))
     assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt")) for f in files)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["model_type"] == "bmojo" and cfg["auto_map"]["AutoModelForCausalLM"].endswith("BMojoForCausalLM")
+    assert cfg["model_type"] == "bmojo" and "auto_map" not in cfg  # no code travels with the weights
+    assert not any(f.endswith(".py") for f in files)
     ids = torch.randint(0, 64, (2, 21))
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert isinstance(loaded, BMojoForCausalLM)
@@ -30,8 +31,13 @@ def test_round_trip_and_auto_classes(tmp_path):
 
 
 def test_trust_remote_code_in_fresh_process(tmp_path):
+    """On request (remote_code=True) a checkpoint carries an auto_map and two one-line files importing
+    the installed bmojo, so trust_remote_code=True loads it without `import bmojo`."""
     model = BMojoForCausalLM(tiny_config(["bmojo_f", "sliding_attention"])).eval()
-    model.save_pretrained(tmp_path / "ckpt")
+    model.save_pretrained(tmp_path / "ckpt", remote_code=True)
+    assert sorted(f for f in os.listdir(tmp_path / "ckpt") if f.endswith(".py")) == ["configuration_bmojo.py",
+                                                                                  "modeling_bmojo.py"]
+    assert getattr(model.config, "auto_map", None) is None  # the model's own config is left as it was
     ids = torch.randint(0, 64, (1, 12))
     with torch.no_grad():
         torch.save({"ids": ids, "logits": model(ids).logits}, tmp_path / "ref.pt")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from bmojo import BMojoForCausalLM, ops
+from bmojo import BMojoForCausalLM
 from bmojo_testing import tiny_config
 
 
@@ -24,7 +24,8 @@ def test_a_few_steps_lower_the_loss(layer_type):
 def test_gradients_reach_ssm_parameters_and_memory_keys(monkeypatch):
     model = BMojoForCausalLM(tiny_config(["bmojo", "mamba"], tie_fading_kv=False)).train()
     captured = []
-    real = ops.bmojo_attention
+    table = model.model.kernels.on(torch.device("cpu"))  # the ops the model resolved for this device
+    real = table.bmojo_attention
 
     def spy(q, k, v, **kw):
         if kw.get("k_memory") is not None:
@@ -32,7 +33,7 @@ def test_gradients_reach_ssm_parameters_and_memory_keys(monkeypatch):
             captured.append(kw)
         return real(q, k, v, **kw)
 
-    monkeypatch.setattr(ops, "bmojo_attention", spy)
+    monkeypatch.setattr(table, "bmojo_attention", spy)
     ids = torch.randint(0, 64, (2, 37))
     model(ids, labels=ids).loss.backward()
     for name, p in model.named_parameters():

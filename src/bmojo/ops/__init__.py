@@ -16,22 +16,24 @@ from .attention.naive import (
     bmojo_visibility_masks,
 )
 from .causal_conv1d.naive import causal_conv1d_ref, causal_conv1d_update_ref
-from .innovation.chunk import innovation_scores_inplace, merge_memory
 from .innovation.naive import innovation_scores_ref, innovation_select_ref
 from .registry import (
     BACKEND_NAMES,
+    Kernels,
+    OpTable,
     OP_NAMES,
     BackendUnavailableError,
     available_backends,
     register_backend,
     resolve,
+    resolve_resuming,
 )
 from .selective_scan.naive import selective_scan_ref, selective_state_update_ref
 
 __all__ = [
     "selective_scan", "selective_state_update", "causal_conv1d", "causal_conv1d_update",
     "bmojo_attention", "attention_decode", "innovation_select", "innovation_scores", "merge_memory",
-    "available_backends", "register_backend", "BackendUnavailableError", "BACKEND_NAMES", "OP_NAMES",
+    "available_backends", "register_backend", "Kernels", "OpTable", "BackendUnavailableError", "BACKEND_NAMES", "OP_NAMES",
     "selective_scan_ref", "selective_state_update_ref", "causal_conv1d_ref", "causal_conv1d_update_ref",
     "bmojo_attention_ref", "attention_decode_ref", "innovation_select_ref", "innovation_scores_ref",
     "bmojo_attention_weights_ref", "attention_decode_weights_ref", "bmojo_visibility_masks",
@@ -103,34 +105,50 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, back
 
 
 def bmojo_attention(q, k, v, window=None, k_fading=None, v_fading=None, fading_window=None, k_memory=None,
-                    v_memory=None, memory_valid=None, scale=None, return_lse=False, backend=None):
-    """One softmax over in-context, fading and memory keys (SPEC 1.1 step 5).
+                    v_memory=None, memory_valid=None, scale=None, return_lse=False, q_start=None, backend=None):
+    """One softmax over in-context, fading and memory keys (docs/design.md, "The layer").
 
-    q (b, T, Hq, D); k, v, k_fading, v_fading (b, T, Hkv, D); k_memory, v_memory
-    (b, ceil(T/w), m_e, Hkv, D); memory_valid (b, ceil(T/w), m_e). ``window=None`` is full causal
-    attention. Returns o (b, T, Hq, D) [and the log-sum-exp (b, T, Hq) fp32]."""
+    q (b, T, Hq, D); k, v (b, Tk, Hkv, D) and k_fading, v_fading (b, Tf, Hkv, D), Tk, Tf >= T;
+    k_memory, v_memory (b, chunks, m_e, Hkv, D); memory_valid (b, chunks, m_e); q_start (b,) int64.
+    Query j is at position q_start + j (default 0); the keys end with the queries' positions, so key i
+    of k is at q_start - (Tk - T) + i (earlier ones: a decoding state's window) and likewise for the
+    fading keys; keys at negative positions do not exist. Query t sees k at t-w < s <= t (s <= t when
+    ``window`` is None: full causal attention), k_fading at t-w-m_f < s <= t-w, and the valid memory
+    slots of its chunk t // w, memory chunk c being the chunk q_start // w + c (ceil(T / w) chunks from
+    position 0; with a q_start, at least (T + w - 2) // w + 1, the most T queries can touch).
+    Returns o (b, T, Hq, D) [and the log-sum-exp (b, T, Hq) fp32]."""
     _check(q.dim() == 4, f"bmojo_attention: q must be (b, T, Hq, D), got {tuple(q.shape)}")
     b, T, Hq, D = q.shape
-    _check(k.dim() == 4 and k.shape[:2] == (b, T) and k.shape[3] == D and v.shape == k.shape,
-           f"bmojo_attention: k and v must be (b={b}, T={T}, Hkv, D={D}), got {tuple(k.shape)} and {tuple(v.shape)}")
+    _check(k.dim() == 4 and k.shape[0] == b and k.shape[1] >= T and k.shape[3] == D and v.shape == k.shape,
+           f"bmojo_attention: k and v must be (b={b}, Tk >= T={T}, Hkv, D={D}), got {tuple(k.shape)} and {tuple(v.shape)}")
+    _check(q_start is not None or k.shape[1] == T,
+           f"bmojo_attention: {k.shape[1]} keys for {T} queries from position 0; pass q_start for keys before the queries")
+    _check(q_start is None or (torch.is_tensor(q_start) and q_start.shape == (b,) and not q_start.is_floating_point()),
+           f"bmojo_attention: q_start must be an integer tensor (b={b},), got {q_start if not torch.is_tensor(q_start) else (q_start.dtype, tuple(q_start.shape))}")
     _check(Hq % k.shape[2] == 0, f"bmojo_attention: query heads {Hq} must be a multiple of kv heads {k.shape[2]}")
-    _check(window is None or window > 0, f"bmojo_attention: window must be a positive int or None, got {window}")
+    _check(window is None or (isinstance(window, int) and window > 0),
+           f"bmojo_attention: window must be a positive int or None, got {window!r}")
     if k_fading is not None:
         _check(window is not None, "bmojo_attention: fading keys need a window")
-        _check(k_fading.shape == k.shape and v_fading is not None and v_fading.shape == k.shape,
-               f"bmojo_attention: k_fading / v_fading must match k {tuple(k.shape)}")
-        _check(fading_window is None or fading_window >= 0, f"bmojo_attention: fading_window must be >= 0, got {fading_window}")
+        _check(k_fading.dim() == 4 and k_fading.shape[0] == b and k_fading.shape[1] >= T and k_fading.shape[2:] == k.shape[2:]
+               and v_fading is not None and v_fading.shape == k_fading.shape,
+               f"bmojo_attention: k_fading / v_fading must be (b={b}, Tf >= {T}, Hkv, D) like k, got {tuple(k_fading.shape)}")
+        _check(q_start is not None or k_fading.shape[1] == T, "bmojo_attention: fading keys before the queries need q_start")
+        _check(fading_window is None or (isinstance(fading_window, int) and fading_window >= 0),
+               f"bmojo_attention: fading_window must be an int >= 0, got {fading_window!r}")
     if k_memory is not None:
         _check(window is not None, "bmojo_attention: memory keys need a window (the chunk length)")
-        n_chunks = -(-T // window)
-        _check(k_memory.dim() == 5 and k_memory.shape[:2] == (b, n_chunks) and k_memory.shape[3:] == k.shape[2:]
+        n_chunks = -(-T // window) if q_start is None else (T + window - 2) // window + 1
+        _check(k_memory.dim() == 5 and k_memory.shape[0] == b and k_memory.shape[3:] == k.shape[2:]
+               and (k_memory.shape[1] == n_chunks if q_start is None else k_memory.shape[1] >= n_chunks)
                and v_memory is not None and v_memory.shape == k_memory.shape,
                f"bmojo_attention: k_memory / v_memory must be (b={b}, chunks={n_chunks}, m_e, Hkv={k.shape[2]}, D={D}), got {tuple(k_memory.shape)}")
         _check(memory_valid is None or memory_valid.shape == k_memory.shape[:3],
                f"bmojo_attention: memory_valid must be {tuple(k_memory.shape[:3])}, got {None if memory_valid is None else tuple(memory_valid.shape)}")
-    fn = resolve("bmojo_attention", backend, q.device)
+    fn = resolve_resuming(backend, q.device)
+    kw = {} if q_start is None else {"q_start": q_start}
     return fn(q, k, v, window=window, k_fading=k_fading, v_fading=v_fading, fading_window=fading_window,
-              k_memory=k_memory, v_memory=v_memory, memory_valid=memory_valid, scale=scale, return_lse=return_lse)
+              k_memory=k_memory, v_memory=v_memory, memory_valid=memory_valid, scale=scale, return_lse=return_lse, **kw)
 
 
 def attention_decode(q, k, v, valid=None, scale=None, backend=None):
@@ -167,8 +185,22 @@ def innovation_select(f, window, slots, taps, backend=None):
     return fn(f, window, slots, taps)
 
 
-def innovation_scores(f, taps, f_history=None):
+def innovation_scores(f, taps, f_history=None, backend=None):
     """eps (b, T) fp32 of the fixed mean-of-last-``taps`` predictor; ``f_history`` (b, taps, d) precedes f.
-    Not differentiated (selection is not); bitwise equal to ``innovation_scores_ref``, so the decoder's
-    scores and the parallel selection's agree exactly."""
-    return innovation_scores_inplace(f, taps, f_history)
+    Not differentiated (selection is not). The decoder's scores and the parallel selection's must agree
+    bitwise, so a backend implements both or neither."""
+    _check(f.dim() == 3, f"innovation_scores: f must be (b, T, d), got {tuple(f.shape)}")
+    _check(f_history is None or f_history.shape == (f.shape[0], taps, f.shape[2]),
+           f"innovation_scores: f_history must be (b, taps, d)={(f.shape[0], taps, f.shape[2])}, "
+           f"got {None if f_history is None else tuple(f_history.shape)}")
+    return resolve("innovation_scores", backend, f.device)(f, taps, f_history)
+
+
+def merge_memory(mem_eps, mem_pos, cand_eps, cand_pos, slots, backend=None):
+    """The ``slots`` best of a memory (mem_eps, mem_pos (b, m)) and candidates (cand_eps, cand_pos
+    (b, n)) by innovation, ties to the earlier position; -inf marks an empty entry. Returns eps, pos
+    (b, slots) and idx (b, slots) into the concatenation [memory | candidates]."""
+    _check(mem_eps.shape == mem_pos.shape and cand_eps.shape == cand_pos.shape and mem_eps.shape[0] == cand_eps.shape[0],
+           f"merge_memory: eps and positions must pair up, got {tuple(mem_eps.shape)}, {tuple(mem_pos.shape)}, "
+           f"{tuple(cand_eps.shape)}, {tuple(cand_pos.shape)}")
+    return resolve("merge_memory", backend, mem_eps.device)(mem_eps, mem_pos, cand_eps, cand_pos, slots)

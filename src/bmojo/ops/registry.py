@@ -22,6 +22,8 @@ OP_NAMES = (
     "bmojo_attention",
     "attention_decode",
     "innovation_select",
+    "innovation_scores",
+    "merge_memory",
 )
 BACKEND_NAMES = ("auto", "torch", "cuda", "neuron")
 
@@ -126,3 +128,67 @@ def resolve(op: str, backend: str | None, device: torch.device) -> Callable:
         _warn_once((name, op), f"bmojo: backend {name!r} has no {op} kernel; using the torch backend for it")
         impl = _BACKENDS["torch"].ops()[op]
     return impl
+
+
+class OpTable:
+    """The implementations of every op for one backend choice on one device, resolved once: the
+    model's hot path calls these directly (no per-call dispatch or shape checks; the model checks its
+    inputs once per call). Fallbacks warn once, when the table is built."""
+
+    def __init__(self, backend: str | None, device: torch.device):
+        for op in OP_NAMES:
+            setattr(self, op, resolve(op, backend, device))
+        self.bmojo_attention = resolve_resuming(backend, device)
+        decode = self.attention_decode
+        if not getattr(decode, "segments", False):
+            _warn_once((backend or "auto", device.type, "segments"),
+                       f"bmojo: the attention_decode kernel on {device.type} does not read a cache held in segments; "
+                       "the decoder's window, fading and memory segments are concatenated at every step")
+            self.attention_decode = _concatenating(decode)
+
+
+def resolve_resuming(backend: str | None, device: torch.device) -> Callable:
+    """``bmojo_attention`` for ``backend`` on ``device``; when that kernel cannot take keys before its
+    queries (``q_start``: tokens after a decoding state; it marks itself with ``resumes = True``), those
+    calls go to the torch backend, with a one-time warning at the first such call."""
+    fn = resolve("bmojo_attention", backend, device)
+    if getattr(fn, "resumes", False):
+        return fn
+    fallback = _BACKENDS["torch"].ops()["bmojo_attention"]
+    name = getattr(fn, "__module__", "?")
+
+    def bmojo_attention(q, k, v, *args, q_start=None, **kw):
+        if q_start is None:
+            return fn(q, k, v, *args, **kw)
+        _warn_once((name, "bmojo_attention", "q_start"),
+                   f"bmojo: the bmojo_attention kernel {name} on {device.type} cannot take keys before its queries "
+                   "(new tokens after a decoding state); those calls use the torch backend")
+        return fallback(q, k, v, *args, q_start=q_start, **kw)
+
+    return bmojo_attention
+
+
+def _concatenating(fn):
+    def attention_decode(q, k, v, valid=None, scale=None):
+        if isinstance(k, (tuple, list)):
+            k, v = torch.cat(tuple(k), 1), torch.cat(tuple(v), 1)
+            valid = None if valid is None else torch.cat(tuple(valid), 1)
+        return fn(q, k, v, valid, scale)
+
+    return attention_decode
+
+
+class Kernels:
+    """A model's ops: ``kernels.on(device)`` is the :class:`OpTable` of ``config.backend`` on that
+    device, built on first use and kept (one per backend and device)."""
+
+    def __init__(self, config):
+        self.config = config
+        self._tables: dict[tuple, OpTable] = {}
+
+    def on(self, device: torch.device) -> OpTable:
+        key = (self.config.backend, device.type, device.index)
+        table = self._tables.get(key)
+        if table is None:
+            table = self._tables[key] = OpTable(self.config.backend, device)
+        return table

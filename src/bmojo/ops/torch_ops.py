@@ -6,7 +6,7 @@ a chunked scan, a K-tap depthwise conv, block-sparse attention and a decode step
 from .attention.blocksparse import bmojo_attention_blocksparse
 from .attention.decode import attention_decode_torch
 from .causal_conv1d.torch_conv import causal_conv1d_torch, causal_conv1d_update_torch
-from .innovation.chunk import innovation_select_chunked
+from .innovation.chunk import innovation_scores_inplace, innovation_select_chunked, merge_memory
 from .selective_scan.chunk import selective_scan_chunked, selective_state_update_step
 
 OPS = {
@@ -17,4 +17,6 @@ OPS = {
     "bmojo_attention": bmojo_attention_blocksparse,
     "attention_decode": attention_decode_torch,
     "innovation_select": innovation_select_chunked,
+    "innovation_scores": innovation_scores_inplace,
+    "merge_memory": merge_memory,
 }

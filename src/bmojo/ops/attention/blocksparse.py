@@ -551,6 +551,156 @@ def _full_causal(q, k, v, scale, return_lse, block: int = 128):
     return o, torch.cat(lses, 3).reshape(b, Hq, T).transpose(1, 2).contiguous()
 
 
+def _rows_layout(x: torch.Tensor, offset: int, L: int) -> torch.Tensor:
+    """x (b, n, H, D) -> (b*H*L, D) fp32: one segment of ``L`` rows per (batch row, head) with x[i] at
+    row ``offset + i`` (rows outside x zero, rows past L dropped). A copy of x; differentiable."""
+    b, n, H, D = x.shape
+    lo, hi = max(offset, 0), min(offset + n, L)
+    buf = x.new_zeros(b, H, L, D, dtype=torch.float32)
+    if hi > lo:
+        buf[:, :, lo:hi] = x[:, lo - offset : hi - offset].transpose(1, 2)
+    return buf.view(b * H * L, D)
+
+
+def _resumed(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_valid, scale, return_lse, Bq,
+             budget, q_start):
+    """Queries at positions q_start + j (per row) after keys that precede them: a decoding state's
+    window (k: Pk = len(k) - T keys before the first query) and fading keys (Pf before it), the state's
+    memory slots per chunk from the first query's (see ``bmojo_attention_ref``).
+
+    The banded kernel's layout with a prefix: each (batch row, kv head) segment holds O rows before
+    its queries' keys, so query block j's window band is the contiguous rows [O + (j - nb) Bq,
+    O + (j + 1) Bq) of its segment and groups of blocks within a segment read overlapping ``unfold``
+    views. Keys at negative positions (a short history) are masked by a per-row key bias; memory
+    chunks follow each row's own chunk phase (a block may straddle two)."""
+    b, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    R = Hq // Hkv
+    RB = R * Bq
+    device = q.device
+    NEG = float("-inf")
+    n_blk = -(-T // Bq)
+    Tp = n_blk * Bq
+    segs = b * Hkv
+    fading = k_fading is not None and m_f > 0
+    Pk = k.shape[1] - T
+    Pf = k_fading.shape[1] - T if fading else 0
+    nb = -(-(w - 1) // Bq)  # key blocks of the window band before the query's own
+    nbf = -(-(m_f - 1) // Bq) if fading else 0
+    Sw, Sf = (nb + 1) * Bq, ((nbf + 1) * Bq if fading else 0)
+    n_pre = max(nb, nbf, -(-Pk // Bq), -(-max(Pf - w, 0) // Bq))
+    O = n_pre * Bq  # rows of each segment before its first query's key
+    L = O + Tp
+    start = q_start.to(device=device, dtype=torch.long)
+
+    qf = F.pad(q.float(), (0, 0, 0, 0, 0, Tp - T)) if Tp != T else q.float()
+    qb = (qf.view(b, n_blk, Bq, Hkv, R, D).permute(0, 3, 1, 4, 2, 5) * scale).reshape(segs * n_blk, RB, D)
+    Kw, Vw = _rows_layout(k, O - Pk, L), _rows_layout(v, O - Pk, L)
+    rows = torch.arange(L, device=device)[None, :]
+    # a key bias per segment row: -inf where the key's position is negative (before the row's first token)
+    w_bias = torch.zeros(b, L, device=device).masked_fill_(rows - O + start[:, None] < 0, NEG)
+    w_bias = w_bias[:, None].expand(b, Hkv, L).reshape(segs * L)
+    w_edges = _edge_biases(w, nb, Bq, device)
+    if fading:  # fading key i at row O + w - Pf + i: the band of the sequence shifted by w, as in _banded
+        Kf, Vf = _rows_layout(k_fading, O + w - Pf, L), _rows_layout(v_fading, O + w - Pf, L)
+        f_bias = torch.zeros(b, L, device=device).masked_fill_(rows - O - w + start[:, None] < 0, NEG)
+        f_bias = f_bias[:, None].expand(b, Hkv, L).reshape(segs * L)
+        f_edges = _edge_biases(m_f, nbf, Bq, device)
+
+    def band(x, nbx, seg, j0, j1):
+        """Overlapping view over blocks j0..j1 of segment ``seg``: (G, S, ...) with S = (nbx+1) Bq."""
+        S = (nbx + 1) * Bq
+        r0 = seg * L + O + (j0 - nbx) * Bq
+        return x[r0 : r0 + (j1 - j0 - 1) * Bq + S].unfold(0, S, Bq)
+
+    Sm = 0
+    if k_memory is not None:
+        n_chunks, m_e = k_memory.shape[1], k_memory.shape[2]
+        c0 = torch.div(start, w, rounding_mode="floor")
+        t = start[:, None] + torch.arange(Tp, device=device)[None, :]  # (b, Tp) query positions
+        t_chunk = (torch.div(t, w, rounding_mode="floor") - c0[:, None]).view(b, n_blk, Bq)
+        cid = t_chunk[:, :, :1] + torch.arange(2, device=device)  # (b, n_blk, 2): the chunks a block touches
+        cid_c = cid.clamp(max=n_chunks - 1)
+        Sm = 2 * m_e
+        idx = torch.arange(b, device=device)[:, None, None]
+        Km = k_memory.float()[idx, cid_c].permute(0, 4, 1, 2, 3, 5).reshape(segs * n_blk, Sm, D)
+        Vm = v_memory.float()[idx, cid_c].permute(0, 4, 1, 2, 3, 5).reshape(segs * n_blk, Sm, D)
+        valid = (torch.ones(b, n_chunks, m_e, dtype=torch.bool, device=device) if memory_valid is None
+                 else memory_valid.bool().to(device))[idx, cid_c] & (cid < n_chunks)[..., None]  # (b, n_blk, 2, m_e)
+        vis = (t_chunk[..., None] == cid[:, :, None, :])[..., None] & valid[:, :, None]  # (b, n_blk, Bq, 2, m_e)
+        mem_bias = torch.zeros(b, n_blk, Bq, Sm, device=device).masked_fill_(~vis.reshape(b, n_blk, Bq, Sm), NEG)
+        mem_bias = mem_bias[:, None].expand(b, Hkv, n_blk, Bq, Sm).reshape(segs * n_blk, 1, Bq, Sm)
+
+    S = Sw + Sf + Sm
+    per_group = max(1, min(n_blk, budget // (RB * S * 4)))
+    outs, lses = [], []
+    for seg in range(segs):
+        for j0 in range(0, n_blk, per_group):
+            j1 = min(j0 + per_group, n_blk)
+            g0, g1 = seg * n_blk + j0, seg * n_blk + j1
+            G, Qg = j1 - j0, qb[g0:g1]
+            parts = [torch.bmm(Qg, band(Kw, nb, seg, j0, j1))]
+            bias = [band(w_bias, nb, seg, j0, j1)]
+            if fading:
+                parts.append(torch.bmm(Qg, band(Kf, nbf, seg, j0, j1)))
+                bias.append(band(f_bias, nbf, seg, j0, j1))
+            if Sm:
+                parts.append(torch.bmm(Qg, Km[g0:g1].transpose(1, 2)))
+            sc = torch.cat(parts, -1).view(G, R, Bq, S)
+            with torch.no_grad():
+                mask = torch.zeros(G, 1, Bq, S, device=device)
+                for c0_, c1_, e in w_edges:
+                    mask[..., c0_:c1_] += e
+                if fading:
+                    for c0_, c1_, e in f_edges:
+                        mask[..., Sw + c0_ : Sw + c1_] += e
+                mask[..., : Sw + Sf] += torch.cat(bias, -1)[:, None, None, :]
+                if Sm:
+                    mask[..., Sw + Sf :] += mem_bias[g0:g1]
+            sc = (sc + mask).view(G, RB, S)
+            if return_lse:
+                lse = torch.logsumexp(sc, dim=-1)
+                p = torch.exp(sc - lse[..., None])
+                lses.append(lse)
+            else:
+                p = torch.softmax(sc, -1)
+            ps = torch.split(p, [Sw] + ([Sf] if fading else []) + ([Sm] if Sm else []), -1)
+            og = torch.bmm(ps[0], band(Vw, nb, seg, j0, j1).transpose(1, 2))
+            if fading:
+                og = torch.baddbmm(og, ps[1], band(Vf, nbf, seg, j0, j1).transpose(1, 2))
+            if Sm:
+                og = torch.baddbmm(og, ps[-1], Vm[g0:g1])
+            outs.append(og)
+    o_all = torch.cat(outs)
+    o = o_all.view(b, Hkv, n_blk, R, Bq, D).permute(0, 2, 4, 1, 3, 5).reshape(b, Tp, Hq, D)[:, :T]
+    o = o.to(q.dtype).contiguous()
+    if not return_lse:
+        return o
+    lse = torch.cat(lses).reshape(b, Hkv, n_blk, R, Bq).permute(0, 2, 4, 1, 3).reshape(b, Tp, Hq)[:, :T].contiguous()
+    return o, lse
+
+
+def _full_causal_resumed(q, k, v, scale, return_lse, q_start):
+    """window=None after earlier keys: key i of k is at position q_start - (len(k) - T) + i; keys at
+    negative positions (a shorter row's padding slots) do not exist. SDPA with an explicit mask."""
+    b, T, Hq, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    start = q_start.to(device=q.device, dtype=torch.long)
+    t = start[:, None] + torch.arange(T, device=q.device)[None, :]  # (b, T)
+    s = start[:, None] - (Tk - T) + torch.arange(Tk, device=q.device)[None, :]  # (b, Tk)
+    mask = (s[:, None, :] <= t[:, :, None]) & (s[:, None, :] >= 0)  # (b, T, Tk)
+    qt, kt, vt = (x.float().transpose(1, 2) for x in (q, k, v))
+    if not return_lse:
+        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[:, None], scale=scale, enable_gqa=Hq > Hkv)
+        return o.transpose(1, 2).to(q.dtype).contiguous()
+    R = Hq // Hkv
+    sc = torch.matmul(qt.reshape(b, Hkv, R, T, D), kt[:, :, None].transpose(-1, -2)) * scale
+    sc = sc.masked_fill(~mask[:, None, None], float("-inf"))
+    lse = torch.logsumexp(sc, dim=-1)
+    o = torch.matmul(torch.exp(sc - lse[..., None]), vt[:, :, None]).reshape(b, Hq, T, D)
+    return o.transpose(1, 2).to(q.dtype).contiguous(), lse.reshape(b, Hq, T).transpose(1, 2).contiguous()
+
+
 def bmojo_attention_blocksparse(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -564,10 +714,12 @@ def bmojo_attention_blocksparse(
     memory_valid: torch.Tensor | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    q_start: torch.Tensor | None = None,
     block_size: int = DEFAULT_BLOCK,
     score_budget: int | None = None,
 ):
-    """Same contract as ``bmojo_attention_ref``.
+    """Same contract as ``bmojo_attention_ref`` (with ``q_start``: keys before the queries, see
+    :func:`_resumed`).
 
     q (b, T, Hq, D); k, v, k_fading, v_fading (b, T, Hkv, D); k_memory, v_memory
     (b, ceil(T/w), m_e, Hkv, D); memory_valid (b, ceil(T/w), m_e) bool (None: all valid). Query t sees
@@ -578,6 +730,12 @@ def bmojo_attention_blocksparse(
     """
     b, T, Hq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if q_start is not None:  # new tokens after a decoding state
+        if window is None:
+            return _full_causal_resumed(q, k, v, scale, return_lse, q_start)
+        return _resumed(q, k, v, window, k_fading, v_fading, window if fading_window is None else fading_window,
+                        k_memory, v_memory, memory_valid, scale, return_lse, _pick_block(window, block_size),
+                        SCORE_BUDGET if score_budget is None else score_budget, q_start)
     if _traceable(q):
         return _traceable_attention(q, k, v, window, k_fading, v_fading,
                                     window if fading_window is None else fading_window, k_memory, v_memory,
@@ -595,3 +753,6 @@ def bmojo_attention_blocksparse(
                          return_lse, Bq)
     return _banded(q, k, v, window, k_fading, v_fading, m_f, k_memory, v_memory, memory_valid, scale, return_lse,
                    Bq, SCORE_BUDGET if score_budget is None else score_budget)
+
+
+bmojo_attention_blocksparse.resumes = True  # takes q_start: keys before the queries

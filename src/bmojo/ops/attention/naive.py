@@ -1,6 +1,9 @@
 """Readable reference for B'MOJO attention: one softmax over in-context, fading and memory keys.
 
-It materialises the full (T, 2T + chunks * m_e) score matrix, so it is the oracle, not a kernel.
+It materialises every score, so it is the oracle, not a kernel. Visibility is stated in positions:
+query j is at position ``q_start + j``; key i of ``k`` at ``q_start - (len(k) - T) + i`` (keys may
+precede the queries: a decoding state's window resumed with new tokens), fading key i at
+``q_start - (len(k_fading) - T) + i``; keys at negative positions do not exist.
 """
 from __future__ import annotations
 
@@ -19,8 +22,8 @@ def bmojo_visibility_masks(
     fading_window: int | None,
     device: torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boolean (T, T) masks [query t, key s]: in-context (t-w < s <= t, or s <= t when window is
-    None) and fading (t-w-m_f < s <= t-w; all False when there is no window)."""
+    """Boolean (T, T) masks [query t, key s] from position 0: in-context (t-w < s <= t, or s <= t when
+    window is None) and fading (t-w-m_f < s <= t-w; all False when there is no window)."""
     t = torch.arange(T, device=device)[:, None]
     s = torch.arange(T, device=device)[None, :]
     causal = s <= t
@@ -32,27 +35,40 @@ def bmojo_visibility_masks(
     return in_context, fading
 
 
-def _scores_ref(q, k, v, window, k_fading, v_fading, fading_window, k_memory, v_memory, memory_valid, scale):
-    """Masked scaled scores (b, Hq, T, S) fp32 over [in-context T | fading T | memory chunks * m_e] keys
+def _scores_ref(q, k, v, window, k_fading, v_fading, fading_window, k_memory, v_memory, memory_valid, scale,
+                q_start=None):
+    """Masked scaled scores (b, Hq, T, S) fp32 over [in-context | fading | memory chunks * m_e] keys
     (the last two present only when given), and the matching values (b, S, Hq, D) fp32."""
     b, T, Hq, D = q.shape
     Hkv = k.shape[2]
     n_rep = Hq // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    in_ctx, fading = bmojo_visibility_masks(T, window, fading_window, q.device)
+    device = q.device
+    start = torch.zeros(b, dtype=torch.long, device=device) if q_start is None else q_start.to(device)
+    t = start[:, None] + torch.arange(T, device=device)[None, :]  # (b, T) query positions
 
-    keys, values, masks = [k], [v], [in_ctx.expand(b, T, T)]
+    def key_positions(n):  # (b, n)
+        return start[:, None] - (n - T) + torch.arange(n, device=device)[None, :]
+
+    s = key_positions(k.shape[1])[:, None, :]  # (b, 1, Tk)
+    tq = t[:, :, None]
+    in_ctx = (s <= tq) & (s >= 0)
+    if window is not None:
+        in_ctx &= s > tq - window
+    keys, values, masks = [k], [v], [in_ctx]
     if k_fading is not None and window is not None:
+        m_f = window if fading_window is None else fading_window
+        sf = key_positions(k_fading.shape[1])[:, None, :]
         keys.append(k_fading)
         values.append(v_fading)
-        masks.append(fading.expand(b, T, T))
+        masks.append((sf <= tq - window) & (sf > tq - window - m_f) & (sf >= 0))
     if k_memory is not None and window is not None:
         n_chunks, m_e = k_memory.shape[1], k_memory.shape[2]
-        chunk_of_query = torch.arange(T, device=q.device) // window
-        # (b, T, chunks, m_e): query t sees slot j of chunk c iff c == t // w and the slot is valid
-        mem_mask = (chunk_of_query[:, None] == torch.arange(n_chunks, device=q.device)[None, :])
-        valid = torch.ones(b, n_chunks, m_e, dtype=torch.bool, device=q.device) if memory_valid is None else memory_valid
-        mem_mask = mem_mask[None, :, :, None] & valid[:, None, :, :]
+        # memory chunk c is the c-th from the first query's: query t sees chunk t // w - q_start // w
+        chunk_of_query = torch.div(t, window, rounding_mode="floor") - torch.div(start, window, rounding_mode="floor")[:, None]
+        mem_mask = chunk_of_query[:, :, None] == torch.arange(n_chunks, device=device)[None, None, :]  # (b, T, C)
+        valid = torch.ones(b, n_chunks, m_e, dtype=torch.bool, device=device) if memory_valid is None else memory_valid
+        mem_mask = mem_mask[..., None] & valid[:, None, :, :]
         keys.append(k_memory.reshape(b, n_chunks * m_e, Hkv, D))
         values.append(v_memory.reshape(b, n_chunks * m_e, Hkv, D))
         masks.append(mem_mask.reshape(b, T, n_chunks * m_e))
@@ -77,16 +93,19 @@ def bmojo_attention_ref(
     memory_valid: torch.Tensor | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    q_start: torch.Tensor | None = None,
 ):
-    """q (b, T, Hq, D); k, v, k_fading, v_fading (b, T, Hkv, D); k_memory, v_memory
-    (b, ceil(T / window), m_e, Hkv, D) with memory_valid (b, ceil(T / window), m_e) bool.
+    """q (b, T, Hq, D); k, v (b, Tk, Hkv, D) and k_fading, v_fading (b, Tf, Hkv, D) with Tk, Tf >= T;
+    k_memory, v_memory (b, chunks, m_e, Hkv, D) with memory_valid (b, chunks, m_e) bool; q_start (b,)
+    int64 (default 0).
 
-    Query t sees k[s] for t-w < s <= t, k_fading[s] for t-w-m_f < s <= t-w, and the valid memory
-    slots of chunk t // w. Returns o (b, T, Hq, D) in q's dtype and, if asked, the natural-log
+    Query t (position q_start + j) sees k[s] for t-w < s <= t, k_fading[s] for t-w-m_f < s <= t-w, and
+    the valid memory slots of chunk t // w (positions as in the module docstring; memory chunk c is
+    the chunk q_start // w + c). Returns o (b, T, Hq, D) in q's dtype and, if asked, the natural-log
     log-sum-exp of the scaled scores (b, T, Hq) in fp32.
     """
     scores, V = _scores_ref(q, k, v, window, k_fading, v_fading, fading_window, k_memory, v_memory, memory_valid,
-                            scale)
+                            scale, q_start)
     lse = torch.logsumexp(scores, dim=-1)  # (b, Hq, T)
     p = torch.exp(scores - lse[..., None])
     o = torch.einsum("bhts,bshd->bthd", p, V).to(q.dtype)

@@ -1,0 +1,241 @@
+"""Attention over in-context, fading and eidetic memory: the ``attention``, ``sliding_attention``,
+``bmojo_f`` and ``bmojo`` layer types (docs/design.md, "The layer")."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops as op_api
+from ..cache import LayerState, fading_keeps_ssm_outputs, gather_positions
+from ..configuration_bmojo import BMojoConfig
+from .common import apply_rotary
+from .eidetic import ChunkMemory, EideticMemory
+from .mamba import BMojoMambaMixer
+
+
+class BMojoAttention(nn.Module):
+    """One softmax over what each query may see (Llama names: q/k/v/o_proj).
+
+    ``attention``: full causal; ``sliding_attention``: the last ``w`` keys; ``bmojo_f``: + fading keys
+    ``Wk' f`` of the ``m_f`` positions before the window, ``f`` the output of a Mamba mixer over the
+    layer input; ``bmojo``: + the ``m_e`` eidetic slots of each query's chunk (:mod:`.eidetic`).
+
+    Three ways to run: :meth:`forward` (a fresh sequence from position 0), :meth:`resume` (T tokens
+    after a decoding state, in parallel: keys are the state's window, fading ring and slots plus the
+    new ones) and :meth:`step` (one token). The state is the layer's :class:`bmojo.cache.LayerState`.
+    """
+
+    def __init__(self, config: BMojoConfig, layer_idx: int, kernels):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.kernels = kernels
+        self.layer_type = config.layer_types[layer_idx]
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        self.window = None if self.layer_type == "attention" else config.sliding_window
+        self.use_fading = self.layer_type in ("bmojo_f", "bmojo")
+        self.fading_window = config.effective_fading_window if self.use_fading else 0
+        # decoding keeps, for the window's tokens, their SSM outputs or their fading keys/values (the smaller)
+        self.keeps_ssm_outputs = fading_keeps_ssm_outputs(config)
+        d, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=bias)
+        if self.use_fading:
+            self.mamba = BMojoMambaMixer(config, layer_idx, kernels)
+            if not config.tie_fading_kv:
+                self.k_fading_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+                self.v_fading_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+        self.eidetic = EideticMemory(config, kernels) if self.layer_type == "bmojo" else None
+
+    # -- projections ---------------------------------------------------------------------------
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        return x.view(*x.shape[:-1], n, self.head_dim)
+
+    def _qkv(self, u, rope):
+        q = self._heads(self.q_proj(u), self.num_heads)
+        k = self._heads(self.k_proj(u), self.num_kv_heads)
+        v = self._heads(self.v_proj(u), self.num_kv_heads)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        return q, k, v
+
+    def _fading_kv(self, f, rope):
+        k_proj = self.k_proj if self.config.tie_fading_kv else self.k_fading_proj
+        v_proj = self.v_proj if self.config.tie_fading_kv else self.v_fading_proj
+        kf = self._heads(k_proj(f), self.num_kv_heads)
+        vf = self._heads(v_proj(f), self.num_kv_heads)
+        if rope is not None:
+            kf = apply_rotary(kf, *rope)
+        return kf, vf
+
+    def _attend(self, q, k, v, kw: dict, memory: ChunkMemory | None, output_attentions: bool):
+        """o (b, T, Hq*D) and, if asked, the reference's weights per source position."""
+        b, T = q.shape[:2]
+        if memory is not None:
+            kw.update(k_memory=memory.k, v_memory=memory.v, memory_valid=memory.valid)
+        if output_attentions:
+            o, weights = op_api.bmojo_attention_weights_ref(
+                q, k, v, memory_positions=None if memory is None else memory.pos, **kw)
+            return o.reshape(b, T, -1), weights
+        return self.kernels.on(q.device).bmojo_attention(q, k, v, **kw).reshape(b, T, -1), None
+
+    # -- a fresh sequence ---------------------------------------------------------------------
+    def forward(self, u: torch.Tensor, rope=None, state: LayerState | None = None, lengths: torch.Tensor | None = None,
+                output_attentions: bool = False):
+        """u (b, T, d) at positions 0..T-1 -> (b, T, d) and, if asked, weights (b, Hq, T, T) (the
+        probability mass each query puts on each source position's in-context, fading and memory keys).
+        ``state`` receives the decoding state after each row's last token; ``lengths`` (b,) marks rows
+        whose last tokens are padding (see ``BMojoMambaMixer.forward``)."""
+        b, T, _ = u.shape
+        q, k, v = self._qkv(u, rope)
+        kw = dict(window=self.window)
+        f = kf = vf = memory = eps = None
+        if self.use_fading:
+            f = self.mamba(u, state.mamba if state is not None else None, lengths)
+            if self.fading_window > 0:
+                kf, vf = self._fading_kv(f, rope)
+                kw.update(k_fading=kf, v_fading=vf, fading_window=self.fading_window)
+        if self.eidetic is not None:
+            memory, eps = self.eidetic.select(f, k, v)
+        o, weights = self._attend(q, k, v, kw, memory, output_attentions)
+        if state is not None:
+            last = torch.full((b,), T - 1, device=u.device) if lengths is None else lengths - 1
+            with torch.no_grad():
+                self._hand_off(state, last, (k, v, 0), (kf, vf, 0), (f, 0), memory, eps, 0)
+        return self.o_proj(o), weights
+
+    # -- new tokens after a state ---------------------------------------------------------------
+    def resume(self, u: torch.Tensor, rope, rope_window, state: LayerState, start: torch.Tensor, seen: int):
+        """u (b, T, d): T tokens at positions start (b,) .. start + T - 1 after ``state`` (``seen``
+        tokens consumed, padding included) -> (b, T, d), in parallel; advances the state past them.
+        ``rope``: RoPE of the new positions; ``rope_window``: of the w positions before them."""
+        b, T, _ = u.shape
+        q, k, v = self._qkv(u, rope)
+        if self.window is None:
+            kv = state.kv  # slot j holds position j - (seen - start): keys before position 0 are empty
+            keys, values = torch.cat([kv.k[:, :seen], k.to(kv.k.dtype)], 1), torch.cat([kv.v[:, :seen], v.to(kv.v.dtype)], 1)
+            o = self.kernels.on(u.device).bmojo_attention(q, keys, values, window=None, q_start=start)
+            kv.k[:, seen : seen + T], kv.v[:, seen : seen + T], kv.valid[:, seen : seen + T] = k, v, True
+            return self.o_proj(o.reshape(b, T, -1))
+
+        w, m_f = self.window, self.fading_window
+        before = start - 1  # the state's last position
+        # the window's keys then the new ones: index i is position start - w + i
+        k_seq = torch.cat([state.window.ordered("k", before, w), k.to(state.window.k.dtype)], 1)
+        v_seq = torch.cat([state.window.ordered("v", before, w), v.to(state.window.v.dtype)], 1)
+        kw = dict(window=w, q_start=start)
+        f = f_seq = kf_seq = vf_seq = memory = eps_seq = None
+        if self.use_fading:
+            f = self.mamba.resume(u, state.mamba)
+            if m_f > 0:
+                fading = state.fading
+                kf, vf = self._fading_kv(f, rope)
+                if self.keeps_ssm_outputs:  # the window's tokens' fading keys, projected now at their positions
+                    f_window = fading.window_f.ordered("f", before, w)
+                    kf_w, vf_w = self._fading_kv(f_window.to(f.dtype), rope_window)
+                    f_seq = torch.cat([f_window, f.to(f_window.dtype)], 1)
+                else:
+                    kf_w, vf_w = fading.window_kv.ordered("k", before, w), fading.window_kv.ordered("v", before, w)
+                # fading keys: the ring's m_f, the window's w, the new T: index i is position start - w - m_f + i
+                kf_seq = torch.cat([fading.ring.ordered("k", before - w, m_f), kf_w.to(kf.dtype), kf], 1)
+                vf_seq = torch.cat([fading.ring.ordered("v", before - w, m_f), vf_w.to(vf.dtype), vf], 1)
+                kw.update(k_fading=kf_seq, v_fading=vf_seq, fading_window=m_f)
+        if self.eidetic is not None:
+            memory, eps_seq = self.eidetic.resume(state.eidetic, f, k_seq, v_seq, start)
+        o, _ = self._attend(q, k_seq, v_seq, kw, memory, False)
+        with torch.no_grad():
+            f_hist = None
+            if self.eidetic is not None:  # the predictor's taps then the new outputs
+                f_hist = (torch.cat([state.eidetic.history, f.to(state.eidetic.history.dtype)], 1), start - self.config.innovation_taps)
+            self._hand_off(state, start + T - 1, (k_seq, v_seq, start - w), (kf_seq, vf_seq, start - w - m_f),
+                           (f_seq, start - w), memory, eps_seq, torch.div(start, w, rounding_mode="floor"), f_hist)
+        return self.o_proj(o)
+
+    @torch.no_grad()
+    def _hand_off(self, state: LayerState, last, kv, fading_kv, f_window, memory, eps, first_chunk, f_hist=None):
+        """Rings, history and memory as the step-by-step decoder holds them after position ``last`` (b,).
+        Each sequence comes with the position of its index 0: (k, v, first), (kf, vf, first), (f, first)."""
+        if self.window is None:  # the growing cache, left-aligned: row position p at slot p + T - 1 - last
+            k, v, _ = kv
+            T = k.shape[1]
+            src = torch.arange(T, device=k.device)[None, :] - (T - 1 - last)[:, None]
+            state.kv.k[:, :T], state.kv.v[:, :T] = gather_positions(k, src), gather_positions(v, src)
+            state.kv.valid[:, :T] = src >= 0
+            return
+        k, v, kv_first = kv
+        w = self.window
+        state.window.load(last, first=kv_first, k=k, v=v)
+        if state.fading is not None:
+            kf, vf, f_first = fading_kv
+            state.fading.ring.load(last - w, first=f_first, k=kf, v=vf)
+            if state.fading.window_f is not None:
+                f, first = f_window
+                state.fading.window_f.load(last, first=first, f=f)
+            else:
+                state.fading.window_kv.load(last, first=f_first, k=kf, v=vf)
+        if self.eidetic is not None:
+            f, first = f_hist if f_hist is not None else f_window
+            self.eidetic.hand_off(state.eidetic, memory, f, first, eps, (k, v), kv_first, first_chunk, last,
+                                  next_in_memory=f_hist is not None)
+
+    # -- one token ------------------------------------------------------------------------------
+    def step(self, u: torch.Tensor, t: torch.Tensor, rope, state: LayerState, seen: int, rope_evicted=None,
+             boundary: bool | None = None, output_attentions: bool = False):
+        """One token per row: u (b, d) at positions t (b,) -> (b, d), updating ``state`` in place
+        (``seen``: tokens consumed so far, padding included). ``rope_evicted``: RoPE at positions t - w,
+        for the fading key of the token leaving the window. ``boundary``: whether all rows start a chunk
+        here (None when rows differ). Tensor ops only (no host synchronisation).
+
+        ``output_attentions`` also returns the probabilities (b, Hq, S) over the S cached keys and the
+        position each key was built from (b, S) (< 0: an empty slot)."""
+        b = u.shape[0]
+        ops = self.kernels.on(u.device)
+        q, k, v = self._qkv(u[:, None], rope)  # (b, 1, H, D)
+        q, k, v = q[:, 0], k[:, 0], v[:, 0]
+        if self.window is None:
+            kv, n = state.kv, seen  # this token's slot in the (left-aligned) cache
+            kv.k[:, n], kv.v[:, n], kv.valid[:, n] = k, v, True
+            keys, values, valid = kv.k[:, : n + 1], kv.v[:, : n + 1], kv.valid[:, : n + 1]
+            if output_attentions:  # slot j holds position j - (n - t)
+                o, p = op_api.attention_decode_weights_ref(q, keys, values, valid)
+                sources = torch.arange(n + 1, device=t.device)[None, :] - (n - t)[:, None]
+                return self.o_proj(o.reshape(b, -1)), (p, sources)
+            return self.o_proj(ops.attention_decode(q, keys, values, valid).reshape(b, -1))
+
+        w, m_f = self.window, self.fading_window
+        state.window.write(t, k=k, v=v)
+        sources = [state.window.positions(t)]  # the position each cached key was built from; < 0: empty
+        keys, values = [state.window.k], [state.window.v]
+        f = None
+        if self.use_fading:
+            f = self.mamba.step(u, state.mamba)
+            if m_f > 0:
+                # position t - w leaves the window and enters the fading ring: its fading key/value is
+                # projected now from its kept SSM output, or was projected on arrival and kept
+                fading, evicted = state.fading, t - w
+                if self.keeps_ssm_outputs:
+                    kf, vf = self._fading_kv(fading.window_f.read_slot("f", t)[:, None], rope_evicted)
+                    kf, vf = kf[:, 0], vf[:, 0]
+                    fading.window_f.write(t, f=f)
+                else:
+                    kf, vf = fading.window_kv.read_slot("k", t), fading.window_kv.read_slot("v", t)
+                    kf_t, vf_t = self._fading_kv(f[:, None], rope)
+                    fading.window_kv.write(t, k=kf_t[:, 0], v=vf_t[:, 0])
+                fading.ring.write(evicted, k=kf, v=vf)  # a row still in its first window writes a slot that stays empty
+                keys.append(fading.ring.k), values.append(fading.ring.v)
+                sources.append(fading.ring.positions(evicted))
+        if self.eidetic is not None:
+            memory = state.eidetic
+            self.eidetic.step(memory, state.window, f, t, boundary)
+            keys.append(memory.current.k), values.append(memory.current.v)
+            sources.append(memory.current.pos.masked_fill(~memory.current.valid, -1))
+        valids = tuple(p >= 0 for p in sources)
+        if output_attentions:
+            o, p = op_api.attention_decode_weights_ref(q, torch.cat(keys, 1), torch.cat(values, 1), torch.cat(valids, 1))
+            return self.o_proj(o.reshape(b, -1)), (p, torch.cat(sources, 1))
+        # the rings and slots are read in place as segments (no per-step copy of the cached keys)
+        o = ops.attention_decode(q, tuple(keys), tuple(values), valids)
+        return self.o_proj(o.reshape(b, -1))
