@@ -153,9 +153,20 @@ class Ring(RowState):
         rows = torch.arange(t.shape[0], device=t.device)
         return self.data[name][rows, torch.remainder(t, self.capacity)]
 
-    def load(self, last: torch.Tensor, first: int | torch.Tensor = 0, **sequences: torch.Tensor) -> None:
-        """Fill from per-token sequences (b, n, ...) whose index i is position first + i (``first``: an
-        int or per row (b,)), as the ring holds them after position ``last`` (b,)."""
+    def load(self, last: torch.Tensor | int, first: int | torch.Tensor = 0, **sequences: torch.Tensor) -> None:
+        """Fill from per-token sequences (b, n, ...) whose index i is position first + i, as the ring
+        holds them after position ``last``. ``last`` and ``first`` are per row (b,) tensors, or ints
+        when every row sits at the same position (then one index_select, no per-element gather)."""
+        if isinstance(last, int) and not torch.is_tensor(first):
+            device = next(iter(sequences.values())).device
+            p = last - torch.remainder(last - torch.arange(self.capacity, device=device), self.capacity)
+            index = (p - first).clamp(min=0)
+            for name, x in sequences.items():
+                out = x.index_select(1, index).to(self.data[name].dtype)
+                empty = (p < 0).view(1, -1, *[1] * (out.dim() - 2))
+                self.data[name] = out.masked_fill(empty, self.fill)
+            return
+        last = last if torch.is_tensor(last) else torch.full_like(first, last)
         p = self.positions(last)
         index = p - (first[:, None] if torch.is_tensor(first) else first)
         index = torch.where(p >= 0, index, torch.full_like(index, -1))
@@ -165,12 +176,17 @@ class Ring(RowState):
                 out = out.masked_fill((p < 0).view(*p.shape, *[1] * (out.dim() - 2)), self.fill)
             self.data[name] = out
 
-    def ordered(self, name: str, last: torch.Tensor, count: int) -> torch.Tensor:
-        """The ``count`` latest positions up to ``last`` (b,), oldest first: (b, count, ...); empty ones
-        (never written, or before position 0) hold ``fill``."""
+    def ordered(self, name: str, last: torch.Tensor | int, count: int) -> torch.Tensor:
+        """The ``count`` latest positions up to ``last`` (per row (b,), or an int for every row), oldest
+        first: (b, count, ...); empty ones (never written, or before position 0) hold ``fill``."""
+        x = self.data[name]
+        if isinstance(last, int):
+            p = last - count + 1 + torch.arange(count, device=x.device)
+            out = x.index_select(1, torch.remainder(p, self.capacity))
+            empty = (p < 0) | (p <= last - self.capacity)
+            return out.masked_fill(empty.view(1, -1, *[1] * (x.dim() - 2)), self.fill)
         p = last[:, None] - count + 1 + torch.arange(count, device=last.device)[None, :]
         held = torch.remainder(p, self.capacity)
-        x = self.data[name]
         out = torch.gather(x, 1, held.view(*held.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
         empty = (p < 0) | (p <= last[:, None] - self.capacity)
         return out.masked_fill(empty.view(*p.shape, *[1] * (x.dim() - 2)), self.fill)

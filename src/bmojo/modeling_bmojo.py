@@ -89,13 +89,14 @@ class BMojoDecoderLayer(nn.Module):
             mixed, weights = self.mixer(u, rope, state, lengths, output_attentions)
         return self._mlp(residual_add(h, mixed)), weights
 
-    def resume(self, h: torch.Tensor, rope, rope_window, state: LayerState, start: torch.Tensor, seen: int):
+    def resume(self, h: torch.Tensor, rope, rope_window, state: LayerState, start: torch.Tensor, seen: int,
+               host_start: int | None = None):
         """T tokens after ``state``, in parallel: h (b, T, d) -> (b, T, d)."""
         u, h = self._branch_input(self.input_layernorm, h)
         if self.layer_type == "mamba":
             mixed = self.mixer.resume(u, state.mamba)
         else:
-            mixed = self.mixer.resume(u, rope, rope_window, state, start, seen)
+            mixed = self.mixer.resume(u, rope, rope_window, state, start, seen, host_start)
         return self._mlp(residual_add(h, mixed))
 
     def step(self, h: torch.Tensor, ctx: StepContext, state: LayerState, output_attentions: bool = False):
@@ -395,6 +396,7 @@ class BMojoModel(BMojoPreTrainedModel):
         """T > 1 tokens after the cache's, in parallel from its state."""
         T = h.shape[1]
         start, seen = cache.positions, cache.seen_tokens
+        host_start = None if cache.uniform_offset is None else seen - cache.uniform_offset  # every row's, if shared
         rope = self._rope(h, start[:, None] + torch.arange(T, device=h.device)[None, :])
         w = self.config.sliding_window
         rope_window = (self._rope(h, start[:, None] - w + torch.arange(w, device=h.device)[None, :])
@@ -403,7 +405,7 @@ class BMojoModel(BMojoPreTrainedModel):
         for i, layer in enumerate(self.layers):
             if hidden is not None:
                 hidden.append(h)
-            h = layer.resume(h, rope, rope_window, cache.layer_states[i], start, seen)
+            h = layer.resume(h, rope, rope_window, cache.layer_states[i], start, seen, host_start)
         h = self.norm(h)
         if hidden is not None:
             hidden.append(h)

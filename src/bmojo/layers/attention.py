@@ -108,10 +108,12 @@ class BMojoAttention(nn.Module):
         return self.o_proj(o), weights
 
     # -- new tokens after a state ---------------------------------------------------------------
-    def resume(self, u: torch.Tensor, rope, rope_window, state: LayerState, start: torch.Tensor, seen: int):
+    def resume(self, u: torch.Tensor, rope, rope_window, state: LayerState, start: torch.Tensor, seen: int,
+               host_start: int | None = None):
         """u (b, T, d): T tokens at positions start (b,) .. start + T - 1 after ``state`` (``seen``
         tokens consumed, padding included) -> (b, T, d), in parallel; advances the state past them.
-        ``rope``: RoPE of the new positions; ``rope_window``: of the w positions before them."""
+        ``rope``: RoPE of the new positions; ``rope_window``: of the w positions before them;
+        ``host_start``: the start when every row shares it (rings are then read with slices, not gathers)."""
         b, T, _ = u.shape
         q, k, v = self._qkv(u, rope)
         if self.window is None:
@@ -122,7 +124,8 @@ class BMojoAttention(nn.Module):
             return self.o_proj(o.reshape(b, T, -1))
 
         w, m_f = self.window, self.fading_window
-        before = start - 1  # the state's last position
+        at = start if host_start is None else host_start  # the first new position, per row or shared
+        before = at - 1  # the state's last position
         # the window's keys then the new ones: index i is position start - w + i
         k_seq = torch.cat([state.window.ordered("k", before, w), k.to(state.window.k.dtype)], 1)
         v_seq = torch.cat([state.window.ordered("v", before, w), v.to(state.window.v.dtype)], 1)
@@ -144,20 +147,24 @@ class BMojoAttention(nn.Module):
                 vf_seq = torch.cat([fading.ring.ordered("v", before - w, m_f), vf_w.to(vf.dtype), vf], 1)
                 kw.update(k_fading=kf_seq, v_fading=vf_seq, fading_window=m_f)
         if self.eidetic is not None:
-            memory, eps_seq = self.eidetic.resume(state.eidetic, f, k_seq, v_seq, start)
+            memory, eps_seq = self.eidetic.resume(state.eidetic, f, k_seq, v_seq, start, host_start)
         o, _ = self._attend(q, k_seq, v_seq, kw, memory, False)
         with torch.no_grad():
             f_hist = None
             if self.eidetic is not None:  # the predictor's taps then the new outputs
-                f_hist = (torch.cat([state.eidetic.history, f.to(state.eidetic.history.dtype)], 1), start - self.config.innovation_taps)
-            self._hand_off(state, start + T - 1, (k_seq, v_seq, start - w), (kf_seq, vf_seq, start - w - m_f),
-                           (f_seq, start - w), memory, eps_seq, torch.div(start, w, rounding_mode="floor"), f_hist)
+                f_hist = (torch.cat([state.eidetic.history, f.to(state.eidetic.history.dtype)], 1),
+                          at - self.config.innovation_taps)
+            self._hand_off(state, start + T - 1, (k_seq, v_seq, at - w), (kf_seq, vf_seq, at - w - m_f),
+                           (f_seq, at - w), memory, eps_seq, torch.div(start, w, rounding_mode="floor"), f_hist,
+                           host_last=None if host_start is None else host_start + T - 1)
         return self.o_proj(o)
 
     @torch.no_grad()
-    def _hand_off(self, state: LayerState, last, kv, fading_kv, f_window, memory, eps, first_chunk, f_hist=None):
-        """Rings, history and memory as the step-by-step decoder holds them after position ``last`` (b,).
-        Each sequence comes with the position of its index 0: (k, v, first), (kf, vf, first), (f, first)."""
+    def _hand_off(self, state: LayerState, last, kv, fading_kv, f_window, memory, eps, first_chunk, f_hist=None,
+                  host_last: int | None = None):
+        """Rings, history and memory as the step-by-step decoder holds them after position ``last`` (b,)
+        (``host_last``: the same, when every row shares it). Each sequence comes with the position of its
+        index 0 (per row, or an int shared by every row): (k, v, first), (kf, vf, first), (f, first)."""
         if self.window is None:  # the growing cache, left-aligned: row position p at slot p + T - 1 - last
             k, v, _ = kv
             T = k.shape[1]
@@ -167,19 +174,20 @@ class BMojoAttention(nn.Module):
             return
         k, v, kv_first = kv
         w = self.window
-        state.window.load(last, first=kv_first, k=k, v=v)
+        at = last if host_last is None else host_last
+        state.window.load(at, first=kv_first, k=k, v=v)
         if state.fading is not None:
             kf, vf, f_first = fading_kv
-            state.fading.ring.load(last - w, first=f_first, k=kf, v=vf)
+            state.fading.ring.load(at - w, first=f_first, k=kf, v=vf)
             if state.fading.window_f is not None:
                 f, first = f_window
-                state.fading.window_f.load(last, first=first, f=f)
+                state.fading.window_f.load(at, first=first, f=f)
             else:
-                state.fading.window_kv.load(last, first=f_first, k=kf, v=vf)
+                state.fading.window_kv.load(at, first=f_first, k=kf, v=vf)
         if self.eidetic is not None:
             f, first = f_hist if f_hist is not None else f_window
             self.eidetic.hand_off(state.eidetic, memory, f, first, eps, (k, v), kv_first, first_chunk, last,
-                                  next_in_memory=f_hist is not None)
+                                  next_in_memory=f_hist is not None, host_last=host_last)
 
     # -- one token ------------------------------------------------------------------------------
     def step(self, u: torch.Tensor, t: torch.Tensor, rope, state: LayerState, seen: int, rope_evicted=None,

@@ -85,15 +85,16 @@ class EideticMemory:
                            pos=positions), eps
 
     # -- new tokens after a state --------------------------------------------------------------------
-    def resume(self, state: EideticState, f: torch.Tensor, k_seq, v_seq, start: torch.Tensor
-               ) -> tuple[ChunkMemory, torch.Tensor]:
+    def resume(self, state: EideticState, f: torch.Tensor, k_seq, v_seq, start: torch.Tensor,
+               host_start: int | None = None) -> tuple[ChunkMemory, torch.Tensor]:
         """T new tokens at positions start (b,) .. start + T - 1 after ``state``. k_seq, v_seq
         (b, w + T, Hkv, D) are the window's keys and values then the new ones (index i: position
         start - w + i). Returns the memory of every chunk the new queries touch and the scores of the
         same w + T positions (-inf before position 0)."""
         w, T = self.window, f.shape[1]
         eps_new = self.kernels.on(f.device).innovation_scores(f, self.taps, state.history)
-        eps_seq = torch.cat([state.scores.ordered("eps", start - 1, w), eps_new.to(torch.float32)], 1)
+        before = (start if host_start is None else host_start) - 1
+        eps_seq = torch.cat([state.scores.ordered("eps", before, w), eps_new.to(torch.float32)], 1)
         first, last = start - w, start + T - 1
         c0 = torch.div(start, w, rounding_mode="floor")
         # Chunk c0 + 1's candidates, ((c0-1)w, c0 w], are still in the window ring only if chunk c0
@@ -110,7 +111,8 @@ class EideticMemory:
 
     # -- what the decoder keeps -----------------------------------------------------------------------
     def hand_off(self, state: EideticState, memory: ChunkMemory, f_seq, f_first, eps_seq, kv_seq, kv_first,
-                 first_chunk: torch.Tensor | int, last: torch.Tensor, next_in_memory: bool) -> None:
+                 first_chunk: torch.Tensor | int, last: torch.Tensor, next_in_memory: bool,
+                 host_last: int | None = None) -> None:
         """Fill ``state`` as the step-by-step decoder would hold it after position ``last`` (b,).
 
         f_seq (b, n, d) holds positions f_first + i (index 0 may precede the state's history);
@@ -120,7 +122,7 @@ class EideticMemory:
         f_first = f_first[:, None] if torch.is_tensor(f_first) else f_first
         state.history = gather_positions(f_seq, last[:, None] - f_first - self.taps + 1
                                          + torch.arange(self.taps, device=last.device)[None, :]).to(state.history.dtype)
-        state.scores.load(last, first=kv_first, eps=eps_seq)
+        state.scores.load(last if host_last is None else host_last, first=kv_first, eps=eps_seq)
         chunk = torch.div(last, w, rounding_mode="floor") - first_chunk
         state.current = memory.chunk(chunk, eps_seq)  # a fresh selection's scores start at position 0
         if next_in_memory:  # the memory holds the chunk after the last token's

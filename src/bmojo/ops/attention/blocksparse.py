@@ -593,8 +593,12 @@ def _resumed(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_val
     L = O + Tp
     start = q_start.to(device=device, dtype=torch.long)
 
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, k_fading, v_fading, k_memory, v_memory))
     qf = F.pad(q.float(), (0, 0, 0, 0, 0, Tp - T)) if Tp != T else q.float()
-    qb = (qf.view(b, n_blk, Bq, Hkv, R, D).permute(0, 3, 1, 4, 2, 5) * scale).reshape(segs * n_blk, RB, D)
+    # inference: scores in log2 units (q carries log2 e) for an in-place exp2, as in _banded
+    qb = (qf.view(b, n_blk, Bq, Hkv, R, D).permute(0, 3, 1, 4, 2, 5) * (scale if grad else scale * _LOG2E))
+    qb = qb.reshape(segs * n_blk, RB, D)
     Kw, Vw = _rows_layout(k, O - Pk, L), _rows_layout(v, O - Pk, L)
     rows = torch.arange(L, device=device)[None, :]
     # a key bias per segment row: -inf where the key's position is negative (before the row's first token)
@@ -633,50 +637,81 @@ def _resumed(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_val
 
     S = Sw + Sf + Sm
     per_group = max(1, min(n_blk, budget // (RB * S * 4)))
+
+    def mask_(x, seg, j0, j1, g0, g1):
+        """Add -inf where query rows may not see key columns; x (G, R or 1, Bq, S), in place."""
+        for c0_, c1_, e in w_edges:
+            x[..., c0_:c1_].add_(e)
+        x[..., :Sw].add_(band(w_bias, nb, seg, j0, j1)[:, None, None, :])
+        if fading:
+            for c0_, c1_, e in f_edges:
+                x[..., Sw + c0_ : Sw + c1_].add_(e)
+            x[..., Sw : Sw + Sf].add_(band(f_bias, nbf, seg, j0, j1)[:, None, None, :])
+        if Sm:
+            x[..., Sw + Sf :].add_(mem_bias[g0:g1])
+
+    if not grad:
+        sbuf = torch.empty(per_group * RB * S, device=device)
+        o_all = torch.empty(segs * n_blk, RB, D, device=device)
+        lse_all = torch.empty(segs * n_blk, RB, 1, device=device) if return_lse else None
     outs, lses = [], []
     for seg in range(segs):
         for j0 in range(0, n_blk, per_group):
             j1 = min(j0 + per_group, n_blk)
             g0, g1 = seg * n_blk + j0, seg * n_blk + j1
             G, Qg = j1 - j0, qb[g0:g1]
-            parts = [torch.bmm(Qg, band(Kw, nb, seg, j0, j1))]
-            bias = [band(w_bias, nb, seg, j0, j1)]
-            if fading:
-                parts.append(torch.bmm(Qg, band(Kf, nbf, seg, j0, j1)))
-                bias.append(band(f_bias, nbf, seg, j0, j1))
-            if Sm:
-                parts.append(torch.bmm(Qg, Km[g0:g1].transpose(1, 2)))
-            sc = torch.cat(parts, -1).view(G, R, Bq, S)
-            with torch.no_grad():
-                mask = torch.zeros(G, 1, Bq, S, device=device)
-                for c0_, c1_, e in w_edges:
-                    mask[..., c0_:c1_] += e
+            if grad:  # autograd: plain ops, one added bias
+                parts = [torch.bmm(Qg, band(Kw, nb, seg, j0, j1))]
                 if fading:
-                    for c0_, c1_, e in f_edges:
-                        mask[..., Sw + c0_ : Sw + c1_] += e
-                mask[..., : Sw + Sf] += torch.cat(bias, -1)[:, None, None, :]
+                    parts.append(torch.bmm(Qg, band(Kf, nbf, seg, j0, j1)))
                 if Sm:
-                    mask[..., Sw + Sf :] += mem_bias[g0:g1]
-            sc = (sc + mask).view(G, RB, S)
-            if return_lse:
-                lse = torch.logsumexp(sc, dim=-1)
-                p = torch.exp(sc - lse[..., None])
-                lses.append(lse)
-            else:
-                p = torch.softmax(sc, -1)
-            ps = torch.split(p, [Sw] + ([Sf] if fading else []) + ([Sm] if Sm else []), -1)
-            og = torch.bmm(ps[0], band(Vw, nb, seg, j0, j1).transpose(1, 2))
+                    parts.append(torch.bmm(Qg, Km[g0:g1].transpose(1, 2)))
+                with torch.no_grad():
+                    bias = torch.zeros(G, 1, Bq, S, device=device)
+                    mask_(bias, seg, j0, j1, g0, g1)
+                sc = (torch.cat(parts, -1).view(G, R, Bq, S) + bias).view(G, RB, S)
+                if return_lse:
+                    lse = torch.logsumexp(sc, dim=-1)
+                    p = torch.exp(sc - lse[..., None])
+                    lses.append(lse)
+                else:
+                    p = torch.softmax(sc, -1)
+                ps = torch.split(p, [Sw] + ([Sf] if fading else []) + ([Sm] if Sm else []), -1)
+                og = torch.bmm(ps[0], band(Vw, nb, seg, j0, j1).transpose(1, 2))
+                if fading:
+                    og = torch.baddbmm(og, ps[1], band(Vf, nbf, seg, j0, j1).transpose(1, 2))
+                if Sm:
+                    og = torch.baddbmm(og, ps[-1], Vm[g0:g1])
+                outs.append(og)
+                continue
+            sc = sbuf[: G * RB * S].view(G, RB, S)  # inference: in place, in log2 units
+            torch.bmm(Qg, band(Kw, nb, seg, j0, j1), out=sc[:, :, :Sw])
             if fading:
-                og = torch.baddbmm(og, ps[1], band(Vf, nbf, seg, j0, j1).transpose(1, 2))
+                torch.bmm(Qg, band(Kf, nbf, seg, j0, j1), out=sc[:, :, Sw : Sw + Sf])
             if Sm:
-                og = torch.baddbmm(og, ps[-1], Vm[g0:g1])
-            outs.append(og)
-    o_all = torch.cat(outs)
+                torch.bmm(Qg, Km[g0:g1].transpose(1, 2), out=sc[:, :, Sw + Sf :])
+            mask_(sc.view(G, R, Bq, S), seg, j0, j1, g0, g1)
+            mx = sc.amax(-1, keepdim=True).clamp_(min=-1e30)  # padded query rows see nothing: keep them finite
+            p = sc.sub_(mx).exp2_()
+            denom = p.sum(-1, keepdim=True)
+            if return_lse:
+                torch.mul(mx.add_(denom.log2()), _LN2, out=lse_all[g0:g1])
+            og = o_all[g0:g1]
+            torch.bmm(p[:, :, :Sw], band(Vw, nb, seg, j0, j1).transpose(1, 2), out=og)
+            if fading:
+                og.baddbmm_(p[:, :, Sw : Sw + Sf], band(Vf, nbf, seg, j0, j1).transpose(1, 2))
+            if Sm:
+                og.baddbmm_(p[:, :, Sw + Sf :], Vm[g0:g1])
+            og.div_(denom.clamp_(min=1e-30))
+    if grad:
+        o_all = torch.cat(outs)
+        if return_lse:
+            lse_all = torch.cat(lses)
     o = o_all.view(b, Hkv, n_blk, R, Bq, D).permute(0, 2, 4, 1, 3, 5).reshape(b, Tp, Hq, D)[:, :T]
     o = o.to(q.dtype).contiguous()
     if not return_lse:
         return o
-    lse = torch.cat(lses).reshape(b, Hkv, n_blk, R, Bq).permute(0, 2, 4, 1, 3).reshape(b, Tp, Hq)[:, :T].contiguous()
+    lse = lse_all.reshape(b, Hkv, n_blk, R, Bq).permute(0, 2, 4, 1, 3).reshape(b, Tp, Hq)[:, :T].contiguous()
     return o, lse
 
 
