@@ -90,7 +90,7 @@ def memory_floats(config, seq_len: int = T) -> float:
 # -- the runs -------------------------------------------------------------------------------------
 
 def model_overrides(member: str, knobs: dict) -> dict:
-    from bmojo.presets import _layer_types
+    from bmojo.presets import member_layer_types as _layer_types
 
     d = dict(BASE_MODEL)
     d.update(layer_types=_layer_types(member, 2), intermediate_size=0 if member == "mamba" else 128,
@@ -527,7 +527,7 @@ Reproduce: `python benchmarks/mqar.py --ship` (or `bmojo train --config train_co
 
 
 def ship(cache: dict, steps: int, batch: int) -> None:
-    from bmojo.presets import _layer_types
+    from bmojo.presets import member_layer_types as _layer_types
 
     for m in MEMBERS:
         lr = best_lr(cache, m, steps, batch)

@@ -221,3 +221,72 @@ def test_cli_convert(tmp_path, capsys):
         cli_main(["convert", str(tmp_path / "hf"), str(tmp_path / "out")])
     assert cli_main(["convert", str(tmp_path / "hf"), str(tmp_path / "out"), "--overwrite"]) == 0
     _assert_same_model(ref, tmp_path / "out", generate=False)
+
+
+# -- unreadable source files: a ConversionError (a ValueError) naming the file, nothing written ----------
+
+@pytest.mark.parametrize("text,what", [
+    ("{not json", "is not valid JSON"),
+    ('[{"model_type": "mamba"}]', "must be a JSON object, got a JSON array"),
+    ('"mamba"', "must be a JSON object, got a JSON string"),
+    (b"\xff\xfe\x00garbage", "is not UTF-8 text"),
+], ids=["not-json", "json-list", "json-string", "not-utf8"])
+@pytest.mark.parametrize("source_format", ["auto", "hf-mamba", "mamba-ssm"])
+def test_unreadable_config_json_is_named(tmp_path, text, what, source_format):
+    from bmojo.convert import ConversionError
+
+    _hf_mamba().save_pretrained(tmp_path / "hf")
+    cfg_file = tmp_path / "hf" / "config.json"
+    (cfg_file.write_bytes if isinstance(text, bytes) else cfg_file.write_text)(text)
+    with pytest.raises(ConversionError) as err:
+        convert(str(tmp_path / "hf"), str(tmp_path / "out"), source_format=source_format)
+    assert isinstance(err.value, ValueError)
+    assert str(cfg_file) in str(err.value) and what in str(err.value), str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content", [os.urandom(4096), b"", b"\x08" + b"\x00" * 7 + b"{}"],
+                         ids=["random-bytes", "empty", "truncated"])
+def test_unreadable_safetensors_is_named(tmp_path, content):
+    from bmojo.convert import ConversionError
+
+    _hf_mamba().save_pretrained(tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    weights.write_bytes(content)
+    with pytest.raises(ConversionError, match="not a readable safetensors file") as err:
+        convert(str(tmp_path / "hf"), str(tmp_path / "out"))
+    assert str(weights) in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_pickle_and_index_are_named(tmp_path):
+    from bmojo.convert import ConversionError
+
+    ref = _hf_mamba(vocab_size=104)
+    f = _mamba_ssm_checkpoint(ref, tmp_path / "pkl", with_lm_head=True, weights="pytorch_model.bin")
+    with open(f, "wb") as fh:
+        fh.write(os.urandom(512))
+    with pytest.raises(ConversionError, match="not a loadable PyTorch weights file") as err:
+        convert(f, str(tmp_path / "out"), allow_pickle=True)
+    assert f in str(err.value)
+    _hf_mamba().save_pretrained(tmp_path / "sharded")
+    os.remove(tmp_path / "sharded" / "model.safetensors")
+    index = tmp_path / "sharded" / "model.safetensors.index.json"
+    index.write_text('{"weight_map": ["not", "a", "map"]}')
+    with pytest.raises(ConversionError, match="'weight_map' must be an object") as err:
+        convert(str(tmp_path / "sharded"), str(tmp_path / "out"))
+    assert str(index) in str(err.value)
+
+
+def test_cli_convert_errors_name_the_file_without_a_traceback(tmp_path, capsys):
+    _hf_mamba().save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text("[1, 2, 3]")
+    with pytest.raises(SystemExit) as e:
+        cli_main(["convert", str(tmp_path / "hf"), str(tmp_path / "out")])
+    assert e.value.code != 0 and str(tmp_path / "hf" / "config.json") in str(e.value.code)
+    _hf_mamba().save_pretrained(tmp_path / "hf2")
+    (tmp_path / "hf2" / "model.safetensors").write_bytes(os.urandom(1000))
+    with pytest.raises(SystemExit) as e:
+        cli_main(["convert", str(tmp_path / "hf2"), str(tmp_path / "out")])
+    assert str(tmp_path / "hf2" / "model.safetensors") in str(e.value.code)
+    assert not (tmp_path / "out").exists()

@@ -120,15 +120,19 @@ def test_count_correct_uses_the_causal_alignment():
 @pytest.mark.parametrize("member", MEMBERS)
 def test_shipped_checkpoint_reaches_recorded_accuracy(member):
     """checkpoints/mqar-<member> loads offline after `import bmojo` and scores at least its recorded
-    accuracy minus 1 point on its fixed evaluation set (eval.json records the set's MQARConfig)."""
+    accuracy minus 1 point on its fixed evaluation set (eval.json records the set's MQARConfig). It
+    carries no Python file and no auto_map: the installed bmojo package is the code."""
     from transformers import AutoModelForCausalLM
 
     import bmojo  # noqa: F401  (registers the model type)
-    from bmojo.train import evaluate
+    from bmojo.data import evaluate
 
     path = os.path.join(ROOT, "checkpoints", f"mqar-{member}")
     for name in ("config.json", "model.safetensors", "generation_config.json", "mqar.json", "eval.json", "README.md"):
         assert os.path.exists(os.path.join(path, name)), f"{path} lacks {name}"
+    assert not [f for f in os.listdir(path) if f.endswith(".py")], path
+    with open(os.path.join(path, "config.json")) as fh:
+        assert "auto_map" not in json.load(fh), path
     with open(os.path.join(path, "eval.json")) as fh:
         record = json.load(fh)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
@@ -138,6 +142,51 @@ def test_shipped_checkpoint_reaches_recorded_accuracy(member):
     got = evaluate(model, data.inputs, data.labels, batch_size=100)
     assert got["total"] == record["total"]
     assert got["accuracy"] >= record["accuracy"] - 0.01, (member, got, record["accuracy"])
+
+
+def test_evaluation_lives_beside_the_data_and_bench_does_not_import_train():
+    """MQAR evaluation is bmojo.data.evaluate (bmojo.train re-exports it); nothing in bmojo.bench imports
+    bmojo.train."""
+    import ast
+    import glob
+
+    import bmojo.data
+    import bmojo.train
+
+    assert bmojo.train.evaluate is bmojo.data.evaluate
+    bench = os.path.join(ROOT, "src", "bmojo", "bench")
+    for path in glob.glob(os.path.join(bench, "*.py")):
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.ImportFrom):
+                package = ["bmojo", "bench"][: 2 - node.level + 1] if node.level else []
+                base = ".".join(package + ([node.module] if node.module else []))
+                imported = [base] + [f"{base}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                imported = [a.name for a in node.names]
+            else:
+                continue
+            assert not any(m == "bmojo.train" or m.startswith("bmojo.train.") for m in imported), (path, imported)
+
+
+def test_evaluate_splits_rows_over_a_group():
+    """evaluate() over a two-rank group (each rank's share, counts summed) equals one process."""
+    from bmojo import BMojoForCausalLM
+    from bmojo.data import evaluate
+    from bmojo_testing import tiny_config
+
+    model = BMojoForCausalLM(tiny_config(["mamba"], vocab_size=64)).eval()
+    d = _cfg(num_examples=7, seq_len=32, num_kv_pairs=2).generate()
+    whole = evaluate(model, d.inputs, d.labels, batch_size=3)
+
+    class Rank:
+        def __init__(self, rank):
+            self.rank, self.world, self.device = rank, 2, torch.device("cpu")
+
+        def all_sum(self, values):
+            return values
+
+    parts = [evaluate(model, d.inputs, d.labels, 2, Rank(r)) for r in (0, 1)]
+    assert sum(p["correct"] for p in parts) == whole["correct"] and sum(p["total"] for p in parts) == whole["total"]
 
 
 def test_study_long_runs_reuse_each_members_learning_rate(tmp_path):

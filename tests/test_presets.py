@@ -13,8 +13,8 @@ import bmojo  # noqa: F401  (registers model_type "bmojo")
 from bmojo import BMojoConfig, BMojoForCausalLM
 from bmojo.cli import main as cli_main
 from bmojo.hf_compat import output_cache
-from bmojo.presets import (MEMBERS, NOMINAL_PARAMS, PAPER_SIZES, layer_param_count, layer_state_nbytes, param_count,
-                           preset_config, preset_names, write_preset_configs)
+from bmojo.presets import (MEMBERS, NOMINAL_PARAMS, PAPER_SIZES, PRESET_FILES, layer_param_count, layer_state_nbytes,
+                           param_count, preset_config, preset_names, write_preset_configs)
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
 
@@ -22,11 +22,12 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 def test_shipped_presets_build_on_meta_within_10_percent():
     for name, member, size in preset_names(PAPER_SIZES):
         path = os.path.join(ROOT, name)
-        assert sorted(os.listdir(path)) == ["README.md", "config.json", "configuration_bmojo.py", "modeling_bmojo.py"], name
+        assert sorted(os.listdir(path)) == ["README.md", "config.json"] == sorted(PRESET_FILES), name  # no Python
         config = AutoConfig.from_pretrained(path)
         assert isinstance(config, BMojoConfig)
         got, want = config.to_dict(), preset_config(member, size).to_dict()
-        got.pop("_name_or_path"), want.pop("_name_or_path"), got.pop("auto_map")
+        got.pop("_name_or_path"), want.pop("_name_or_path")
+        assert "auto_map" not in got, name
         assert got == want, f"{name}: regenerate with python -m bmojo.presets --write checkpoints"
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
@@ -45,8 +46,40 @@ def test_shipped_presets_build_on_meta_within_10_percent():
 def test_regenerating_the_checkpoints_gives_the_committed_files(tmp_path):
     write_preset_configs(str(tmp_path))
     for name, _, _ in preset_names(PAPER_SIZES):
-        for f in ("config.json", "README.md"):
+        assert sorted(os.listdir(tmp_path / name)) == sorted(PRESET_FILES), name  # config.json + model card only
+        for f in PRESET_FILES:
             assert filecmp.cmp(tmp_path / name / f, os.path.join(ROOT, name, f), shallow=False), f"{name}/{f}"
+
+
+def test_preset_writer_cli_writes_only_config_and_card(tmp_path, capsys):
+    """`bmojo presets --write` and `python -m bmojo.presets --write` write the same folders; shims an older
+    writer left in a folder are removed, so regenerating checkpoints/ gives the committed tree."""
+    from bmojo.presets.cards import main as presets_main
+
+    stale = tmp_path / "a" / "bmojo-130m"
+    stale.mkdir(parents=True)
+    for shim in ("configuration_bmojo.py", "modeling_bmojo.py"):
+        (stale / shim).write_text("from bmojo.modeling_bmojo import BMojoForCausalLM\n")
+    assert cli_main(["presets", "--write", str(tmp_path / "a")]) == 0
+    assert presets_main(["--write", str(tmp_path / "b")]) == 0
+    assert sorted(os.listdir(tmp_path / "a")) == sorted(os.listdir(tmp_path / "b")) == sorted(
+        n for n, _, _ in preset_names(PAPER_SIZES))
+    for name, _, _ in preset_names(PAPER_SIZES):
+        assert sorted(os.listdir(tmp_path / "a" / name)) == sorted(PRESET_FILES), name
+        for f in PRESET_FILES:
+            assert filecmp.cmp(tmp_path / "a" / name / f, tmp_path / "b" / name / f, shallow=False)
+    assert "auto_map" not in (tmp_path / "a" / "bmojo-130m" / "config.json").read_text()
+
+
+def test_presets_keep_their_import_paths():
+    """The split (recipes / accounting / cards) keeps every name importable from bmojo.presets."""
+    import bmojo.presets as P
+    from bmojo.presets import accounting, cards, recipes
+
+    assert P.preset_config is recipes.preset_config and P.MEMBERS is recipes.MEMBERS
+    assert P.layer_state_nbytes is accounting.layer_state_nbytes and P.forward_flops is accounting.forward_flops
+    assert P.write_preset_configs is cards.write_preset_configs and P.model_card is cards.model_card
+    assert P.member_layer_types("hybrid", 3) == ["mamba", "sliding_attention", "mamba"]  # benchmarks/mqar.py uses it
 
 
 def test_preset_api_keeps_tiny_and_overrides():
@@ -96,6 +129,45 @@ def test_analytic_state_size_matches_the_cache(member, dtype, kv_heads):
                 assert fixed + per_token * (T + 1) <= got <= fixed + per_token * 2 * (T + 16), t
             else:
                 assert got == fixed, t
+
+
+def _oracle_state_nbytes(c: BMojoConfig, layer_type: str, dtype: torch.dtype) -> tuple[int, int]:
+    """The decode-time state of one layer for one sequence, written out by hand from SPEC 1.3 (this test's
+    own oracle, independent of bmojo.cache): (fixed bytes, bytes per token)."""
+    a = torch.empty((), dtype=dtype).element_size()
+    kv = c.num_key_value_heads * c.head_dim  # one key (or one value) per token, elements
+    w, m_f, m_e, d = c.sliding_window, c.effective_fading_window, c.memory_slots, c.hidden_size
+    if layer_type == "attention":
+        return 0, 2 * kv * a + 1  # a key, a value and a bool validity flag per token
+    fixed = 0
+    if layer_type in ("mamba", "bmojo_f", "bmojo"):
+        fixed += c.d_inner * (c.d_conv - 1) * a  # conv state, model dtype
+        fixed += c.d_inner * c.d_state * 4  # SSM state, fp32
+    if layer_type == "mamba":
+        return fixed, 0
+    fixed += 2 * w * kv * a  # ring of the window's keys / values
+    if layer_type in ("bmojo_f", "bmojo") and m_f > 0:
+        fixed += 2 * m_f * kv * a  # fading keys / values of the m_f positions before the window
+        # the window's SSM outputs (d per token) where that is no larger than their fading keys/values
+        fixed += w * d * a if d <= 2 * kv else 2 * w * kv * a
+    if layer_type == "bmojo":
+        fixed += c.innovation_taps * d * a  # the predictor's last k SSM outputs
+        fixed += w * 4  # fp32 innovation scores of the window's tokens
+        fixed += 2 * (2 * m_e * kv * a + m_e * 8 + m_e * 4)  # this and the next chunk's slots: k, v, int64 pos, fp32 eps
+    return fixed, 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("size", ["tiny", "130m"])
+@pytest.mark.parametrize("member", MEMBERS)
+@pytest.mark.parametrize("kv_heads", [None, 1], ids=["mha", "gqa"])
+def test_state_size_matches_the_hand_written_formula(member, size, dtype, kv_heads):
+    """layer_state_nbytes (which allocates bmojo.cache.LayerState on the meta device) equals the formula."""
+    c = preset_config(member, size, **({} if kv_heads is None else {"num_key_value_heads": kv_heads}))
+    for t in dict.fromkeys(c.layer_types):
+        assert layer_state_nbytes(c, t, dtype) == _oracle_state_nbytes(c, t, dtype), (member, size, t)
+    if kv_heads == 1 and member in ("bmojo-f", "bmojo"):  # GQA: the fading keys/values branch is the one taken
+        assert c.hidden_size > 2 * c.num_key_value_heads * c.head_dim
 
 
 def test_presets_cli_table(capsys):

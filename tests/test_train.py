@@ -89,16 +89,16 @@ def test_two_process_step_matches_one_process(tmp_path, mode, accum):
 
 
 CRASH = r"""
-import os, sys, bmojo.train as T
-real = T._write_trainer_state
+import os, sys, bmojo.train as T, bmojo.train.checkpoint_io as C
+real = C._write_trainer_state
 def crash(state, path):
     if state["step"] == {crash_step}:
-        with open(os.path.join(path, T.TRAINER_STATE), "wb") as fh:
+        with open(os.path.join(path, C.TRAINER_STATE), "wb") as fh:
             fh.write(b"half a checkpoint")
             fh.flush()
         os._exit(9)  # the process dies mid-save: no cleanup, no exception handlers
     real(state, path)
-T._write_trainer_state = crash
+C._write_trainer_state = crash
 T.train(T.TrainConfig.load(sys.argv[1]))
 """
 
@@ -128,7 +128,7 @@ def test_kill_during_save_keeps_previous_checkpoint_and_resume_is_exact(tmp_path
 
 
 def test_exception_while_writing_weights_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    import bmojo.train as T
+    import bmojo.train.checkpoint_io as T
 
     real = T._write_model
 

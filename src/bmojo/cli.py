@@ -59,12 +59,17 @@ def cmd_zoo(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    """Every preset: parameters, decode-time state per sequence, parameter bytes per layer."""
-    from .presets import PAPER_SIZES, SIZES, preset_table
+    """Every preset: parameters, decode-time state per sequence, parameter bytes per layer; or, with
+    ``--write ROOT``, the preset folders (config.json and a model card each)."""
+    from .presets import PAPER_SIZES, SIZES, preset_table, write_preset_configs
 
     for s in args.sizes:
         if s not in SIZES:
             raise SystemExit(f"bmojo presets: unknown size {s!r}; choose from {', '.join(SIZES)}")
+    if args.write:
+        for path in write_preset_configs(args.write, args.sizes or PAPER_SIZES):
+            print(path)
+        return 0
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     print(format_table(preset_table(args.sizes or PAPER_SIZES, dtype)))
     print(f"\nstate/seq: decode-time state of one sequence ({args.dtype} keys/values/conv, fp32 SSM state); "
@@ -81,7 +86,7 @@ def cmd_convert(args) -> int:
     try:
         out = convert(args.source, args.output, source_format=args.source_format, allow_pickle=args.allow_pickle,
                       overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError) as e:  # ConversionError (a ValueError) names the file; OSError names the path
         raise SystemExit(f"bmojo convert: {e}") from None
     print(f"wrote {out}")
     return 0
@@ -103,7 +108,8 @@ def cmd_bench(args) -> int:
 
     settings = BenchSettings(checkpoints=args.checkpoints, models=args.models, backends=args.backends,
                              batch=args.batch, dtype=args.dtype, threads=args.threads,
-                             baselines=not args.no_baselines, output=args.output)
+                             baselines=not args.no_baselines, output=args.output,
+                             check_memory=not args.no_memory_check)
     if args.quick:
         for k, v in QUICK.items():
             setattr(settings, k, v)
@@ -130,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     b.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's)")
     b.add_argument("--no-baselines", action="store_true", help="skip transformers' MambaForCausalLM / LlamaForCausalLM")
+    b.add_argument("--no-memory-check", action="store_true",
+                   help="run points whose estimated memory exceeds what is available (refused by default)")
     b.add_argument("--output", default="bench_out", help="folder for results.md/.csv/.json and the plots")
     b.add_argument("--json", action="store_true", help="print JSON instead of the table")
     b.set_defaults(func=cmd_bench)
@@ -142,11 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--threads", type=_positive_int, default=torch.get_num_threads())
     z.add_argument("--backend", default="torch", choices=["auto", "torch", "cuda", "neuron"])
     z.set_defaults(func=cmd_zoo)
-    from .train import add_train_arguments  # the trainer's flags live beside it
+    from .train.config import add_train_arguments  # the trainer's flags live beside its config
     add_train_arguments(sub.add_parser("train", help="train a zoo model on MQAR (one process, or torchrun: DDP / FSDP2)"))
     pr = sub.add_parser("presets", help="table of every zoo preset: parameters, decode state, bytes per layer")
     pr.add_argument("--sizes", nargs="*", default=[], help="sizes to list (default: 130m 370m 790m 1.4b)")
     pr.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    pr.add_argument("--write", metavar="ROOT", help="write ROOT/<member>-<size>/{config.json,README.md} instead "
+                    "(the shipped checkpoints/ folders; same as python -m bmojo.presets --write ROOT)")
     pr.set_defaults(func=cmd_presets)
     cv = sub.add_parser("convert", help="convert a HF MambaForCausalLM / LlamaForCausalLM or mamba-ssm checkpoint")
     cv.add_argument("source", help="checkpoint directory (config.json + safetensors), or a mamba-ssm weights file")

@@ -19,7 +19,9 @@ loadable with ``AutoModelForCausalLM.from_pretrained`` after ``import bmojo``.
 Every tensor is checked before anything is written: a missing or unexpected tensor, a shape that
 disagrees with the config, or a config feature bmojo cannot reproduce (LayerNorm instead of RMSNorm,
 RoPE scaling, a non-SiLU activation, Mamba-2 or attention layers inside a mamba-ssm model) raises a
-``ValueError`` naming the tensor (or field) and both values. The checkpoint is written to a temporary
+``ValueError`` naming the tensor (or field) and both values. A source file that cannot be read as what
+it should be (a config.json that is not a JSON object, a safetensors file that is not one, a pickle
+that does not load) raises :class:`ConversionError` (a ``ValueError``) naming the file. The checkpoint is written to a temporary
 directory beside the output and renamed into place only when complete, so a failed conversion leaves
 nothing behind. Pickled weights (``.bin``, ``.pt``, ...) are refused unless ``allow_pickle=True``, and
 then read with ``torch.load(weights_only=True)``.
@@ -46,6 +48,29 @@ SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 PICKLE_WEIGHTS = ("pytorch_model.bin",)
 
 
+class ConversionError(ValueError):
+    """A source checkpoint cannot be converted; the message names the file (or tensor, or field)."""
+
+
+def _read_json_object(path: str, what: str) -> dict:
+    """The JSON object in ``path``; ConversionError naming the file if it is not one."""
+    try:
+        with open(path, "rb") as fh:
+            data = json.loads(fh.read().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConversionError(f"{path}: {what} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path}: {what} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: {what} must be a JSON object, got a JSON {_json_kind(data)}")
+    return data
+
+
+def _json_kind(value) -> str:
+    return {list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
 # -- reading source checkpoints ------------------------------------------------------------------
 class _Tensors:
     """Name -> shape of a checkpoint's tensors, with the data read only on request."""
@@ -67,9 +92,20 @@ class _Tensors:
 def _read_safetensors(path: str, into: _Tensors) -> None:
     from safetensors import safe_open
 
-    handle = safe_open(path, framework="pt", device="cpu")
-    for name in handle.keys():
-        into.add(name, handle.get_slice(name).get_shape(), lambda n=name: handle.get_tensor(n), path)
+    try:
+        handle = safe_open(path, framework="pt", device="cpu")
+        shapes = {name: handle.get_slice(name).get_shape() for name in handle.keys()}
+    except Exception as e:  # safetensors' SafetensorError (not a ValueError), OSError, ...
+        raise ConversionError(f"{path}: not a readable safetensors file ({e})") from None
+
+    def load(name: str) -> torch.Tensor:
+        try:
+            return handle.get_tensor(name)
+        except Exception as e:
+            raise ConversionError(f"{path}: tensor {name!r} cannot be read ({e})") from None
+
+    for name, shape in shapes.items():
+        into.add(name, shape, lambda n=name: load(n), path)
 
 
 def _read_pickle(path: str, into: _Tensors, allow_pickle: bool) -> None:
@@ -78,7 +114,11 @@ def _read_pickle(path: str, into: _Tensors, allow_pickle: bool) -> None:
             f"{path}: pickled weights are refused because unpickling can run arbitrary code; convert them to "
             "safetensors, or pass allow_pickle=True (--allow-pickle) to read them with torch.load(weights_only=True)"
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError (not a zip / pickle), EOFError, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConversionError(f"{path}: not a loadable PyTorch weights file ({type(e).__name__}: {first})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -100,8 +140,11 @@ def _read_weights(source: str, allow_pickle: bool) -> _Tensors:
         return out
     index = os.path.join(source, SAFE_INDEX)
     if os.path.isfile(index):
-        with open(index) as fh:
-            shards = sorted(set(json.load(fh)["weight_map"].values()))
+        weight_map = _read_json_object(index, "the safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ConversionError(f"{index}: 'weight_map' must be an object of tensor name -> shard file, "
+                                  f"got {weight_map!r:.80}")
+        shards = sorted(set(weight_map.values()))
         for shard in shards:
             _read_safetensors(os.path.join(source, shard), out)
         return out
@@ -121,8 +164,7 @@ def _source_config(source: str) -> tuple[str, dict]:
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{source}: no config.json found in {directory}")
-    with open(path) as fh:
-        return directory, json.load(fh)
+    return directory, _read_json_object(path, "the model config")
 
 
 def detect_format(source: str) -> str:
@@ -322,8 +364,15 @@ def load_converted(source: str, source_format: str = "auto", allow_pickle: bool 
     if fmt != "mamba-ssm" and not os.path.isdir(source):
         raise ValueError(f"{source}: a {fmt} source must be a checkpoint directory")
     directory, _ = _source_config(source)
-    config = {"hf-mamba": config_from_hf_mamba, "hf-llama": config_from_hf_llama,
-              "mamba-ssm": config_from_mamba_ssm}[fmt](directory)
+    builder = {"hf-mamba": config_from_hf_mamba, "hf-llama": config_from_hf_llama,
+               "mamba-ssm": config_from_mamba_ssm}[fmt]
+    try:
+        config = builder(directory)
+    except ValueError:
+        raise
+    except Exception as e:  # a field of the wrong type deep inside transformers' or BMojoConfig's checks
+        raise ConversionError(f"{os.path.join(directory, 'config.json')}: cannot be read as a {fmt} config "
+                              f"({type(e).__name__}: {e})") from None
     tensors = _read_weights(source, allow_pickle)
     mapping = map_state_dict(fmt, tensors, config)
     state = {dst: tensors.load(src).contiguous() for dst, src in mapping.items()}
@@ -386,5 +435,5 @@ def convert(source: str, output: str, source_format: str = "auto", allow_pickle:
     return output
 
 
-__all__ = ["FORMATS", "convert", "detect_format", "load_converted", "build_model", "map_state_dict",
+__all__ = ["FORMATS", "ConversionError", "convert", "detect_format", "load_converted", "build_model", "map_state_dict",
            "config_from_hf_mamba", "config_from_hf_llama", "config_from_mamba_ssm"]

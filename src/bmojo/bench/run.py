@@ -38,6 +38,7 @@ class BenchSettings:
     repeat: int = 3
     baselines: bool = True
     output: str = "bench_out"
+    check_memory: bool = True  # refuse points whose estimated memory exceeds what is available (bench.memory)
 
 
 QUICK = dict(contexts=[1024, 2048], decode_tokens=8, repeat=1)
@@ -115,8 +116,7 @@ def mqar_accuracy(model, ckpt_dir: str) -> float | None:
     path = os.path.join(ckpt_dir, "eval.json")
     if not os.path.isfile(path):
         return None
-    from ..data.mqar import MQARConfig
-    from ..train import evaluate
+    from ..data import MQARConfig, evaluate
 
     with open(path) as fh:
         data = MQARConfig.from_dict(json.load(fh)["eval_data"]).generate()
@@ -129,6 +129,51 @@ def _mqar_length(ckpt_dir: str) -> int:
         with open(path) as fh:
             return int(json.load(fh).get("seq_len", 256))
     return 256
+
+
+def _twin_kind(config) -> str | None:
+    """Which transformers twin :func:`bmojo.bench.baselines.hf_baseline` builds for ``config``."""
+    types = set(config.layer_types)
+    if types == {"mamba"} and config.intermediate_size == 0:
+        return "mamba"
+    if types == {"attention"} and config.rope_theta is not None:
+        return "llama"
+    return None
+
+
+def check_memory(ckpts: dict[str, str], backends: list[str], settings: BenchSettings, dtype: torch.dtype) -> None:
+    """Refuse, before anything is allocated, every point whose estimated memory
+    (:func:`bmojo.bench.memory.estimate_point_nbytes`) exceeds what its device has available; the
+    message names the model, backend and context, the estimate and the memory available."""
+    from ..configuration_bmojo import BMojoConfig
+    from .memory import available_nbytes, estimate_point_nbytes, human_bytes
+
+    too_big = []
+    for backend in backends:
+        if backend == "neuron":
+            continue  # device memory is not queryable through torch here
+        avail, source = available_nbytes("cuda" if backend == "cuda" else "cpu")
+        if avail is None:
+            continue
+        for name, path in ckpts.items():
+            try:
+                config = BMojoConfig.from_pretrained(path)
+            except (OSError, ValueError, TypeError):
+                continue  # not a bmojo config: loading it reports the problem
+            twin = _twin_kind(config) if settings.baselines and backend == backends[0] else None
+            for ctx in settings.contexts:
+                est = estimate_point_nbytes(config, ctx, settings.batch, dtype, settings.decode_tokens, twin)
+                if est["total"] > avail:
+                    parts = (f"weights {human_bytes(est['weights'])}, forward activations {human_bytes(est['forward'])}, "
+                             f"decoding state {human_bytes(est['state'])}"
+                             + (f", transformers' twin's forward {human_bytes(est['twin_forward'])}" if twin else ""))
+                    too_big.append(f"context {ctx} ({name}, backend {backend}, batch {settings.batch}, "
+                                   f"{settings.dtype}) needs about {human_bytes(est['total'])} ({parts}) but "
+                                   f"{human_bytes(avail)} is available ({source})")
+    if too_big:
+        shown = too_big[:5] + ([f"... and {len(too_big) - 5} more"] if len(too_big) > 5 else [])
+        raise SystemExit("bmojo bench: refusing points that cannot fit in memory:\n  " + "\n  ".join(shown)
+                         + "\nchoose smaller --contexts (or --batch), or pass --no-memory-check to try anyway")
 
 
 def run_bench(settings: BenchSettings) -> list[dict]:
@@ -148,6 +193,8 @@ def run_bench(settings: BenchSettings) -> list[dict]:
             raise SystemExit(f"bmojo bench: unknown models {unknown}; shipped: {sorted(ckpts)}")
         ckpts = {m: ckpts[m] for m in settings.models}
     backends = runnable_backends(settings.backends)
+    if settings.check_memory:
+        check_memory(ckpts, backends, settings, dtype)
     rows: list[dict] = []
     grid = [(name, be) for name in ckpts for be in backends]
     bar = tqdm(total=len(grid) * len(settings.contexts), desc="bench", unit="point")

@@ -1,1 +1,0 @@
-from bmojo.modeling_bmojo import BMojoForCausalLM, BMojoModel  # noqa: F401

@@ -1,1 +1,0 @@
-from bmojo.configuration_bmojo import BMojoConfig  # noqa: F401
