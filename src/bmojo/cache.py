@@ -253,6 +253,11 @@ class MemorySlots(RowState):
     def valid(self) -> torch.Tensor:
         return self.eps > float("-inf")
 
+    def copy_(self, other: "MemorySlots") -> None:
+        """Take ``other``'s contents in place."""
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).copy_(getattr(other, f.name))
+
     def where(self, rows: torch.Tensor, other: "MemorySlots") -> "MemorySlots":
         """These slots where ``rows`` (b,) is True, ``other``'s elsewhere."""
         pick = {f.name: torch.where(rows.view(-1, *[1] * (getattr(self, f.name).dim() - 1)),
@@ -341,13 +346,12 @@ class BMojoCache(Cache):
     sizes every part for that many tokens once and for all (what compiled decoding needs). The model
     creates one for ``use_cache=True`` and ``generate()``."""
 
-    is_compileable = False
-
     def __init__(self, config, batch_size: int | None = None, device=None, dtype=None,
                  max_length: int | None = None):
         self.config = config
         self.max_length = max_length
         self.seen_tokens = 0
+        self.kv_slot: torch.Tensor | None = None  # seen_tokens as a 0-d tensor: a compiled step reads it
         # Per row, the position of the next token in that row's own frame (padding excluded).
         self.positions: torch.Tensor | None = None
         # A padded prompt's (first token, number of tokens) per row, in the caller's layout; None if unpadded.
@@ -368,6 +372,12 @@ class BMojoCache(Cache):
         self.layer_states = [LayerState.allocate(self.config, t, batch, device, dtype, tokens, self.max_length)
                              for t in self.config.layer_types]
         self.positions = torch.zeros(batch, dtype=torch.long, device=device)
+        self.kv_slot = torch.zeros((), dtype=torch.long, device=device)
+
+    @property
+    def is_compileable(self) -> bool:
+        """Every part has its final size (``max_length`` given): a decoding step can be compiled once."""
+        return self.max_length is not None
 
     @property
     def is_allocated(self) -> bool:
@@ -391,9 +401,14 @@ class BMojoCache(Cache):
                 state.kv.reserve(total)
 
     def advance(self, tokens: int, positions: torch.Tensor | None = None) -> None:
-        """Record ``tokens`` more tokens consumed; row positions move with them unless given."""
+        """Record ``tokens`` more tokens consumed; row positions move with them unless given. In place:
+        the tensors keep their addresses (what a compiled step with CUDA graphs replays)."""
         self.seen_tokens += tokens
-        self.positions = self.positions + tokens if positions is None else positions
+        self.kv_slot.fill_(self.seen_tokens)
+        if positions is None:
+            self.positions.add_(tokens)
+        else:
+            self.positions.copy_(positions)
 
     # -- transformers' Cache API --------------------------------------------------------------------
     def __len__(self) -> int:
@@ -445,7 +460,8 @@ class BMojoCache(Cache):
             state.map_rows(fn)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_rows(lambda x: x.index_select(0, beam_idx.to(x.device)))
+        """Rows reordered in place (beam search keeps the batch size; addresses stay for CUDA graphs)."""
+        self._map_rows(lambda x: x.copy_(x.index_select(0, beam_idx.to(x.device))))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._map_rows(lambda x: x.repeat_interleave(repeats, dim=0))

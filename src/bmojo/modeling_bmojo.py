@@ -551,14 +551,157 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
                                         attentions=out.attentions, **{CACHE_NAME: output_cache(out)})
         return output if return_dict else output.to_tuple()
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        # transformers' DynamicCache knows attention layers only; every bmojo layer keeps a BMojoCache state.
-        # The cache goes under the name the installed transformers passes to forward (CACHE_NAME).
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode=None, batch_size=None,
+                                      max_cache_length=None, *args, **kwargs):
+        """transformers' DynamicCache knows attention layers only; every bmojo layer keeps a BMojoCache
+        state, under the name the installed transformers passes to forward (CACHE_NAME). With a
+        ``compile_config`` (or ``cache_implementation="static"``) it is allocated now at its final
+        size, which makes the decoding step compileable (see :class:`CompiledDecoding`)."""
         other = "past_key_values" if CACHE_NAME == "cache" else "cache"
         if model_kwargs.get(other) is not None and model_kwargs.get(CACHE_NAME) is None:
             model_kwargs[CACHE_NAME] = model_kwargs.pop(other)
-        if model_kwargs.get(CACHE_NAME) is None and generation_config.use_cache is not False:
+        if model_kwargs.get(CACHE_NAME) is not None or generation_config.use_cache is False:
+            return
+        static = generation_config.compile_config is not None or generation_config.cache_implementation == "static"
+        if static and batch_size is not None and max_cache_length is not None:
+            rows = batch_size * max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+            model_kwargs[CACHE_NAME] = BMojoCache(self.config, rows, device=self.device, dtype=self.dtype,
+                                                  max_length=max_cache_length + 1)
+        else:
             model_kwargs[CACHE_NAME] = BMojoCache(self.config)
+
+    def _valid_auto_compile_criteria(self, model_kwargs, generation_config) -> bool:
+        """Compile the decoding step when the cache is compileable (allocated at its final size) and either a
+        ``compile_config`` was given (any device) or the model is on a GPU (transformers' default)."""
+        if generation_config.disable_compile:
+            return False
+        cache = model_kwargs.get(CACHE_NAME)
+        if not isinstance(cache, BMojoCache) or not cache.is_compileable:
+            return False
+        return generation_config.compile_config is not None or self.device.type in ("cuda", "xpu")
+
+    def get_compiled_call(self, compile_config=None):
+        """What ``generate()`` calls when it compiles: decoding steps run one compiled graph per
+        (batch size, dtype, device); the prompt and anything else run the eager forward."""
+        decoding = getattr(self, "_compiled_decoding", None)
+        if decoding is None or decoding.compile_config != compile_config:
+            decoding = self._compiled_decoding = CompiledDecoding(self, compile_config)
+        return decoding
+
+    def decode_step(self, input_ids: torch.Tensor, cache: BMojoCache) -> torch.Tensor:
+        """One decoding step for every row, tensor operations only: input_ids (b, 1) -> logits (b, 1, V).
+        The state is updated in place and ``cache`` advanced. This is what :class:`CompiledDecoding`
+        compiles; it needs a cache allocated at its final size (``BMojoCache(..., max_length=...)``)."""
+        logits = _static_step(self, input_ids, cache)
+        cache.seen_tokens += 1
+        return logits
+
+
+def _static_step(model: BMojoForCausalLM, input_ids: torch.Tensor, cache: BMojoCache) -> torch.Tensor:
+    """The decoding step with no host value in it: positions, the full-attention slot and chunk
+    starts are tensors (so one graph serves every step), every state update is in place."""
+    m, c = model.model, model.config
+    x = m.embed_tokens(input_ids[:, 0])
+    t = cache.positions
+    rope_evicted = m._rope(x, (t - c.sliding_window)[:, None]) if m._fading_rope else None
+    ctx = StepContext(t=t, seen=cache.kv_slot, rope=m._rope(x, t[:, None]), rope_evicted=rope_evicted, boundary=None)
+    for layer, state in zip(m.layers, cache.layer_states):
+        x, _ = layer.step(x, ctx, state)
+    logits = model.lm_head(m.norm(x).to(model.lm_head.weight.dtype))[:, None]
+    cache.positions.add_(1)
+    cache.kv_slot.add_(1)
+    return logits
+
+
+class CompiledDecoding:
+    """Decoding steps through ``torch.compile`` (inductor; with ``mode="reduce-overhead"`` on a GPU,
+    CUDA graphs), used by ``generate()`` through transformers' ``compile_config`` and callable directly.
+
+    One graph serves every step of a given (batch size, dtype, device): the step reads no host value
+    (see :func:`_static_step`) and the cache's tensors keep their addresses. ``compiles`` counts the
+    graphs built (recompilations included); ``compile_seconds`` the time spent building them. If
+    compilation fails, decoding continues eagerly after one warning."""
+
+    def __init__(self, model: BMojoForCausalLM, compile_config=None):
+        self.model = model
+        self.compile_config = compile_config
+        self.compiles = 0
+        self.compile_seconds = 0.0
+        self.failed: str | None = None
+        self._fn = None
+
+    def _backend(self, gm, example_inputs):
+        import time
+
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+
+        self.compiles += 1
+        t0 = time.perf_counter()
+        cfg = self.compile_config
+        mode = getattr(cfg, "mode", None) if cfg is not None else None
+        if mode == "reduce-overhead" and self.model.device.type != "cuda":
+            mode = None  # CUDA graphs exist on GPUs only
+        patches = dict(list_mode_options(mode)) if mode else {}
+        patches.update(getattr(cfg, "options", None) or {})
+        compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        self.compile_seconds += time.perf_counter() - t0
+        return compiled
+
+    def step(self, input_ids: torch.Tensor, cache: BMojoCache) -> torch.Tensor:
+        """input_ids (b, 1) -> logits (b, 1, V), compiled (eager after a failed compilation)."""
+        if not cache.is_compileable:
+            raise ValueError("CompiledDecoding: the cache must be allocated at its final size "
+                             "(BMojoCache(config, batch_size, device=..., dtype=..., max_length=...))")
+        if self.failed is None and self._fn is None:
+            if cache.positions.device.type == "cuda":  # CUDA graphs replay these buffers in place
+                for state in cache.layer_states:
+                    for x in _state_tensors(state):
+                        torch._dynamo.mark_static_address(x)
+                for x in (cache.positions, cache.kv_slot):
+                    torch._dynamo.mark_static_address(x)
+            self._fn = torch.compile(_static_step, backend=self._backend, fullgraph=True, dynamic=False)
+        if self.failed is None:
+            try:
+                logits = self._fn(self.model, input_ids, cache)
+                cache.seen_tokens += 1
+                return logits
+            except Exception as e:  # noqa: BLE001 - any compiler failure: warn once, decode eagerly
+                if not _is_compile_failure(e):
+                    raise
+                self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                import warnings
+
+                warnings.warn(f"bmojo: torch.compile of the decoding step failed ({self.failed}); decoding eagerly",
+                              RuntimeWarning, stacklevel=2)
+        return self.model.decode_step(input_ids, cache)
+
+    def __call__(self, input_ids=None, cache=None, past_key_values=None, **kwargs):
+        """generate()'s forward: decoding steps compiled, the rest (the prompt) eager."""
+        cache = take_cache(cache, past_key_values, "CompiledDecoding")
+        plain = not any(kwargs.get(k) for k in ("output_attentions", "output_hidden_states", "labels"))
+        if (plain and isinstance(cache, BMojoCache) and cache.is_allocated and cache.seen_tokens > 0
+                and input_ids is not None and input_ids.shape[1] == 1 and kwargs.get("inputs_embeds") is None):
+            logits = self.step(input_ids, cache)
+            return CausalLMOutputWithPast(logits=logits, **{CACHE_NAME: cache})
+        return self.model(input_ids=input_ids, cache=cache, **kwargs)
+
+
+def _state_tensors(state) -> list[torch.Tensor]:
+    out = []
+    for _, value in state._fields():
+        if isinstance(value, torch.Tensor):
+            out.append(value)
+        elif hasattr(value, "_fields"):
+            out.extend(_state_tensors(value))
+    return out
+
+
+def _is_compile_failure(e: Exception) -> bool:
+    """Errors from the compiler stack (dynamo, inductor, a missing C++ toolchain), not from the model."""
+    module = type(e).__module__ or ""
+    return module.startswith(("torch._dynamo", "torch._inductor", "torch.fx", "torch._subclasses")) or isinstance(
+        e, (OSError, ImportError, NotImplementedError))
 
 
 __all__ = ["BMojoPreTrainedModel", "BMojoModel", "BMojoForCausalLM"]

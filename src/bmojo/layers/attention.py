@@ -193,7 +193,8 @@ class BMojoAttention(nn.Module):
     def step(self, u: torch.Tensor, t: torch.Tensor, rope, state: LayerState, seen: int, rope_evicted=None,
              boundary: bool | None = None, output_attentions: bool = False):
         """One token per row: u (b, d) at positions t (b,) -> (b, d), updating ``state`` in place
-        (``seen``: tokens consumed so far, padding included). ``rope_evicted``: RoPE at positions t - w,
+        (``seen``: tokens consumed so far, padding included; a 0-d tensor in compiled decoding).
+        ``rope_evicted``: RoPE at positions t - w,
         for the fading key of the token leaving the window. ``boundary``: whether all rows start a chunk
         here (None when rows differ). Tensor ops only (no host synchronisation).
 
@@ -205,6 +206,12 @@ class BMojoAttention(nn.Module):
         q, k, v = q[:, 0], k[:, 0], v[:, 0]
         if self.window is None:
             kv, n = state.kv, seen  # this token's slot in the (left-aligned) cache
+            if torch.is_tensor(n):  # compiled decoding: a preallocated cache, read whole under its validity
+                slot = n.view(1)
+                kv.k.index_copy_(1, slot, k[:, None].to(kv.k.dtype))
+                kv.v.index_copy_(1, slot, v[:, None].to(kv.v.dtype))
+                kv.valid.index_fill_(1, slot, True)
+                return self.o_proj(ops.attention_decode(q, kv.k, kv.v, kv.valid).reshape(b, -1))
             kv.k[:, n], kv.v[:, n], kv.valid[:, n] = k, v, True
             keys, values, valid = kv.k[:, : n + 1], kv.v[:, : n + 1], kv.valid[:, : n + 1]
             if output_attentions:  # slot j holds position j - (n - t)

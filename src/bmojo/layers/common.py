@@ -11,9 +11,10 @@ from ..configuration_bmojo import UNSUPPORTED_ROPE_TYPES, BMojoConfig
 
 
 def inference() -> bool:
-    """No autograd recording: in-place updates of fresh intermediates are safe (they save a large
-    buffer each; on CPU a fresh multi-MB buffer also costs page faults)."""
-    return not torch.is_grad_enabled()
+    """No autograd recording and no compiler: in-place updates of fresh intermediates are safe and
+    worth it (they save a large buffer each; on CPU a fresh multi-MB buffer also costs page faults).
+    Under torch.compile the compiler fuses and reuses buffers itself."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
 def residual_add(h: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:

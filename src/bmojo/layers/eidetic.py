@@ -136,21 +136,22 @@ class EideticMemory:
         """The token at positions t (b,) with SSM output f (b, d), after the window ring received it.
         ``boundary``: whether every row starts a chunk here (False: none does), or None when rows differ."""
         eps = self.kernels.on(f.device).innovation_scores(f[:, None], self.taps, state.history)[:, 0]
-        state.history = torch.cat([state.history[:, 1:], f[:, None].to(state.history.dtype)], 1)
+        # state tensors are updated in place (their addresses stay: what CUDA graphs replay)
+        state.history.copy_(torch.cat([state.history[:, 1:], f[:, None].to(state.history.dtype)], 1))
         state.scores.write(t, eps=eps)
         if boundary is False:
             return
         p = window.positions(t)
+        scores = state.scores.eps.masked_fill(p < 0, float("-inf"))
         if boundary:
-            state.current = state.upcoming
-            state.upcoming = self.merge(state.current, window.k, window.v,
-                                        state.scores.eps.masked_fill(p < 0, float("-inf")), p.clamp(min=0))
+            state.current.copy_(state.upcoming)
+            state.upcoming.copy_(self.merge(state.current, window.k, window.v, scores, p.clamp(min=0)))
             return
         starts = torch.remainder(t, self.window) == 0  # rows at different positions: tensor ops only
         current = state.upcoming.where(starts, state.current)
-        upcoming = self.merge(current, window.k, window.v, state.scores.eps.masked_fill(p < 0, float("-inf")),
-                              p.clamp(min=0))
-        state.current, state.upcoming = current, upcoming.where(starts, state.upcoming)
+        upcoming = self.merge(current, window.k, window.v, scores, p.clamp(min=0)).where(starts, state.upcoming)
+        state.current.copy_(current)
+        state.upcoming.copy_(upcoming)
 
 
 def _gather_chunks(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
