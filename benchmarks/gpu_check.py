@@ -5,7 +5,7 @@
 
 On a machine with a CUDA GPU it runs, each step under its own time limit:
 
-1. every Triton kernel test on the GPU (``pytest tests/cuda`` without the interpreter);
+1. every Triton kernel test on the GPU (``pytest tests/backends/cuda`` without the interpreter);
 2. the whole model on ``backend="cuda"`` against ``backend="torch"``: logits and every gradient, fp32 and
    bf16, every layer type in one model;
 3. the compiled decoding step with CUDA graphs (``mode="reduce-overhead"``): logits equal to the eager
@@ -45,7 +45,7 @@ def _run(cmd: list[str], limit: int, env=None) -> tuple[int, str, float]:
 
 def kernel_tests() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    rc, out, secs = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/cuda"],
+    rc, out, secs = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/backends/cuda"],
                          LIMITS["kernel tests"], env)
     summary = [line for line in out.splitlines() if " passed" in line or " failed" in line or " error" in line]
     failures = [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))]

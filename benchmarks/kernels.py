@@ -5,7 +5,7 @@
     python benchmarks/kernels.py --smoke    # the smallest sizes through the whole pipeline (any machine)
 
 Compared:
-  selective_scan   Triton (bmojo_cuda) | torch backend (bmojo.ops, backend="torch") | mamba-ssm's
+  selective_scan   Triton (bmojo.backends.cuda) | torch backend (bmojo.ops, backend="torch") | mamba-ssm's
                    selective_scan_fn (CUDA, when mamba_ssm is installed)
   bmojo_attention  Triton, one fused kernel | torch SDPA given the full visibility mask (window, fading
                    band, memory slots) over the concatenated keys | two attention passes (window; fading +
@@ -32,7 +32,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 GPU = torch.cuda.is_available()
 if not GPU:
-    # must be set before triton is imported (the kernels are decorated at import of bmojo_cuda)
+    # must be set before triton is imported (the kernels are decorated at import of bmojo.backends.cuda)
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch.nn.functional as F  # noqa: E402
@@ -176,7 +176,7 @@ def row(op, impl, shape, mode, flops, nbytes, fn, smoke, note=""):
 
 def bench_scan(sizes, dtype, device, smoke):
     import bmojo.ops as ops
-    import bmojo_cuda
+    import bmojo.backends.cuda as cuda_backend
 
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
@@ -191,7 +191,7 @@ def bench_scan(sizes, dtype, device, smoke):
         nbytes = el * (4 * b * T * d + 2 * b * T * G * N)
         kw = dict(D=a["D"], z=a["z"], dt_bias=a["dt_bias"], dt_softplus=True)
         impls = {
-            "triton": lambda: bmojo_cuda.OPS["selective_scan"](a["x"], a["dt"], a["A"], a["B"], a["C"], **kw),
+            "triton": lambda: cuda_backend.OPS["selective_scan"](a["x"], a["dt"], a["A"], a["B"], a["C"], **kw),
             "torch backend": lambda: ops.selective_scan(a["x"], a["dt"], a["A"], a["B"], a["C"], **kw, backend="torch"),
         }
         if selective_scan_fn is not None and GPU:
@@ -206,7 +206,7 @@ def bench_scan(sizes, dtype, device, smoke):
 
 
 def bench_attention(sizes, dtype, device, smoke):
-    import bmojo_cuda
+    import bmojo.backends.cuda as cuda_backend
 
     try:
         import flash_attn  # noqa: F401
@@ -223,7 +223,7 @@ def bench_attention(sizes, dtype, device, smoke):
         nbytes = el * (2 * b * T * Hq * D + 4 * b * T * Hkv * D + 2 * a["k_memory"].numel())
         ins = [a[n] for n in ("q", "k", "v", "k_fading", "v_fading", "k_memory", "v_memory")]
         impls = {
-            "triton fused": lambda: bmojo_cuda.OPS["bmojo_attention"](**a),
+            "triton fused": lambda: cuda_backend.OPS["bmojo_attention"](**a),
             "SDPA + mask": lambda: sdpa_masked(a),
             "2 passes + lse merge": lambda: two_pass_lse(a),
         }
@@ -301,20 +301,20 @@ def write_results(rows, machine, out_dir, dtype, smoke):
 
 def interpreter_check():
     """No GPU: run the smallest case of each kernel through the Triton interpreter against the references."""
-    import bmojo_cuda
+    import bmojo.backends.cuda as cuda_backend
 
     torch.manual_seed(0)
     a = scan_inputs(1, 16, 8, 4, 1, torch.float32, "cpu", grad=True)
     kw = dict(D=a["D"], z=a["z"], dt_bias=a["dt_bias"])
     ins = [a[n] for n in ("x", "dt", "A", "B", "C")]
-    y = bmojo_cuda.OPS["selective_scan"](*ins, **kw)
+    y = cuda_backend.OPS["selective_scan"](*ins, **kw)
     y_ref = selective_scan_ref(*ins, **kw)
     g = torch.autograd.grad(y.sum(), ins)
     g_ref = torch.autograd.grad(y_ref.sum(), ins)
     err_scan = max([(y - y_ref).abs().max().item()] + [(p - r).abs().max().item() for p, r in zip(g, g_ref)])
     a = attn_inputs(1, 24, 2, 1, 16, 8, 8, 2, torch.float32, "cpu", grad=True)
     ins = [a[n] for n in ("q", "k", "v", "k_fading", "v_fading", "k_memory", "v_memory")]
-    o = bmojo_cuda.OPS["bmojo_attention"](**a)
+    o = cuda_backend.OPS["bmojo_attention"](**a)
     o_ref = bmojo_attention_ref(**a)
     g = torch.autograd.grad(o.sum(), ins)
     g_ref = torch.autograd.grad(o_ref.sum(), ins)

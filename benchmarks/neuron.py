@@ -5,7 +5,7 @@
     python benchmarks/neuron.py --profile   # also keep the NEFFs for Neuron Explorer (see below)
 
 Compared on the same NeuronCore (XLA device):
-  selective_scan   NKI kernels (bmojo_neuron custom ops) | torch backend ops lowered by XLA
+  selective_scan   NKI kernels (bmojo.backends.neuron custom ops) | torch backend ops lowered by XLA
   bmojo_attention  NKI kernels (one flash-style kernel over window + fading + memory) | torch backend
 
 Each case is timed forward and forward+backward. Timing: the first call compiles (reported separately as

@@ -1,4 +1,4 @@
-"""Shared test helpers (a uniquely named module: tests/cuda/conftest.py would shadow `conftest`)."""
+"""Shared test helpers (a uniquely named module: tests/backends/cuda/conftest.py would shadow `conftest`)."""
 
 
 def tiny_config(layer_types, **kw):

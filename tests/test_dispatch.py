@@ -1,4 +1,5 @@
-"""Backend dispatch: clear errors for backends that cannot run, one warning per fallback."""
+"""Backend dispatch: clear errors for backends that cannot run, implementations registered per device type,
+one warning per fallback (naming the op, the backend and the reason)."""
 import warnings
 
 import pytest
@@ -32,7 +33,7 @@ def test_auto_on_cpu_is_torch_and_silent():
 
 def test_fallback_for_a_missing_kernel_warns_once(monkeypatch):
     monkeypatch.setitem(registry._BACKENDS, "partial", registry.Backend(
-        "partial", "bmojo.ops.torch_ops", lambda: None, ("cpu",), _ops={}))
+        "partial", "bmojo.backends.torch", lambda: None, ("cpu",), _ops={}))
     monkeypatch.setattr(registry, "_warned", set())
     with pytest.warns(RuntimeWarning, match="no selective_scan kernel"):
         ops.selective_scan(*_scan_args(), backend="partial")
@@ -48,3 +49,93 @@ def test_bad_shapes_name_the_tensor():
     with pytest.raises(ValueError, match="k_memory"):
         q = torch.randn(1, 9, 2, 4)
         ops.bmojo_attention(q, q, q, window=4, k_memory=torch.randn(1, 2, 3, 2, 4), v_memory=torch.randn(1, 2, 3, 2, 4))
+
+
+def _record(fn):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out = fn()
+    return out, [str(x.message) for x in w if issubclass(x.category, RuntimeWarning)]
+
+
+def test_implementations_resolve_per_device_type(monkeypatch):
+    """An OPS entry may be a table by device type, with a default for the others."""
+    def on_cpu(*a, **k):
+        return "cpu"
+
+    def elsewhere(*a, **k):
+        return "default"
+
+    monkeypatch.setitem(registry._BACKENDS, "tabled", registry.Backend(
+        "tabled", "bmojo.backends.torch", lambda: None, ("cpu", "meta"),
+        _ops={"selective_scan": {"cpu": on_cpu, "default": elsewhere}, "causal_conv1d": {"meta": elsewhere}}))
+    monkeypatch.setattr(registry, "_warned", set())
+    assert registry.resolve("selective_scan", "tabled", torch.device("cpu")) is on_cpu
+    assert registry.resolve("selective_scan", "tabled", torch.device("meta")) is elsewhere
+    assert registry.for_device(on_cpu, torch.device("xla")) is on_cpu
+    assert registry.for_device({"cpu": on_cpu}, torch.device("xla")) is None
+    # a table without this device type (and no default) is a missing kernel: the torch backend, announced once
+    fn, msgs = _record(lambda: registry.resolve("causal_conv1d", "tabled", torch.device("cpu")))
+    assert fn is registry.torch_implementation("causal_conv1d", torch.device("cpu"))
+    assert len(msgs) == 1 and "'tabled'" in msgs[0] and "causal_conv1d" in msgs[0] and "for cpu tensors" in msgs[0]
+    assert not _record(lambda: registry.resolve("causal_conv1d", "tabled", torch.device("cpu")))[1]
+
+
+def test_auto_fallback_names_the_op_the_backend_and_the_reason(monkeypatch):
+    monkeypatch.setattr(registry._BACKENDS["cuda"], "unavailable", lambda: "triton is not importable (test)")
+    monkeypatch.setattr(registry, "_warned", set())
+    dev = torch.device("cuda")  # no tensor is made: only the resolution is checked
+    fn, msgs = _record(lambda: registry.resolve("selective_scan", "auto", dev))
+    assert fn is registry.torch_implementation("selective_scan", dev)
+    assert fn.__name__ == "selective_scan_chunked_exp"  # the torch backend's registration for CUDA tensors
+    assert len(msgs) == 1 and "'cuda'" in msgs[0] and "selective_scan" in msgs[0] and "triton is not importable" in msgs[0]
+    assert not _record(lambda: registry.resolve("bmojo_attention", "auto", dev))[1]  # once per backend
+
+
+def _segments(seed=3):
+    g = torch.Generator().manual_seed(seed)
+    b, Hq, Hkv, D = 2, 4, 2, 8
+    sizes = (5, 3, 7)
+    ks = tuple(torch.randn(b, n, Hkv, D, generator=g) for n in sizes)
+    vs = tuple(torch.randn(b, n, Hkv, D, generator=g) for n in sizes)
+    valids = tuple(torch.rand(b, n, generator=g) < 0.6 for n in sizes)
+    valids[0][:, 0] = True
+    return torch.randn(b, Hq, D, generator=g), ks, vs, valids
+
+
+def _no_segments_backend(monkeypatch):
+    """A backend whose attention_decode reads one cache only (no ``segments`` attribute)."""
+    def attention_decode(q, k, v, valid=None, scale=None):
+        assert torch.is_tensor(k), "segments reached a kernel that cannot read them"
+        return ops.attention_decode_ref(q, k, v, valid, scale)
+
+    monkeypatch.setitem(registry._BACKENDS, "noseg", registry.Backend(
+        "noseg", "bmojo.backends.torch", lambda: None, ("cpu",), _ops={"attention_decode": attention_decode}))
+    monkeypatch.setattr(registry, "_warned", set())
+
+
+def test_attention_decode_concatenates_segments_with_one_warning(monkeypatch):
+    """The public op, for a backend that cannot read a cache held in segments: concatenated, announced once."""
+    _no_segments_backend(monkeypatch)
+    q, ks, vs, valids = _segments()
+    want = ops.attention_decode_ref(q, torch.cat(ks, 1), torch.cat(vs, 1), torch.cat(valids, 1))
+    got, msgs = _record(lambda: ops.attention_decode(q, ks, vs, valids, backend="noseg"))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert len(msgs) == 1 and "attention_decode" in msgs[0] and "'noseg'" in msgs[0] and "segments" in msgs[0]
+    assert not _record(lambda: ops.attention_decode(q, ks, vs, valids, backend="noseg"))[1]
+    # the model's resolved table says the same, once for both
+    table, msgs = _record(lambda: registry.OpTable("noseg", torch.device("cpu")))
+    assert not [m for m in msgs if "segments" in m]
+    torch.testing.assert_close(table.attention_decode(q, ks, vs, valids), want, atol=1e-5, rtol=1e-5)
+    # the torch backend reads them in place, silently
+    got, msgs = _record(lambda: ops.attention_decode(q, ks, vs, valids, backend="torch"))
+    assert not msgs
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_op_table_warns_once_for_a_decode_kernel_without_segments(monkeypatch):
+    _no_segments_backend(monkeypatch)
+    _, msgs = _record(lambda: registry.OpTable("noseg", torch.device("cpu")))
+    assert len([m for m in msgs if "segments" in m and "'noseg'" in m]) == 1
+    _, msgs = _record(lambda: registry.OpTable("noseg", torch.device("cpu")))
+    assert not [m for m in msgs if "segments" in m]

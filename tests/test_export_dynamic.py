@@ -24,10 +24,10 @@ import torch
 
 import bmojo.ops as ops
 from bmojo import BMojoForCausalLM
-from bmojo.ops.attention import blocksparse
-from bmojo.ops.causal_conv1d import torch_conv
-from bmojo.ops.innovation import chunk as innovation
-from bmojo.ops.selective_scan import chunk as scan
+from bmojo.backends.torch.attention import parallel as blocksparse
+from bmojo.backends.torch.causal_conv1d import parallel as torch_conv
+from bmojo.backends.torch.innovation import chunk as innovation
+from bmojo.backends.torch.selective_scan import chunk as scan
 from bmojo_testing import lively, tiny_config
 
 LENGTHS = [3, 8, 9, 21, 37]  # w = 8: shorter than, equal to and across the window and memory chunks

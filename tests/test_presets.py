@@ -199,7 +199,7 @@ def test_forward_flops_counts_the_models_work(layer_type):
     modules do in a forward (plus the conv and dt_proj), attention FLOPs the keys the reference's masks
     and the innovation selection let each query see."""
     from bmojo import ops
-    from bmojo.ops.attention.naive import bmojo_visibility_masks
+    from bmojo.ops import bmojo_visibility_masks
     from bmojo.presets import forward_flops
     from bmojo_testing import tiny_config
 

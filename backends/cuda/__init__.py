@@ -1,19 +1,22 @@
-"""bmojo's cuda backend: Triton kernels, forward and backward (SPEC section 2).
+"""bmojo's cuda backend, ``bmojo.backends.cuda``: Triton kernels, forward and backward (docs/design.md,
+"Op API and backends").
 
-``OPS`` maps op names to callables with the torch backend's signatures (bmojo.ops.torch_ops). Ops left
-out (``innovation_select``) fall back to the torch backend through the registry, which warns once.
+``OPS`` maps op names to callables with the op API's signatures (``bmojo.ops``). Ops left out
+(``innovation_select``, ``innovation_scores``, ``merge_memory``) and calls a kernel cannot serve (keys
+before the queries; gradients through a decoding step) go to the torch backend, with a one-time warning.
 Without a GPU the kernels run on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``, set
-before triton is first imported); that is how the tests in tests/cuda run.
+before triton is first imported); that is how the tests in tests/backends/cuda run.
 
-Layout, one folder per op: selective_scan/{chunk (scan fwd/bwd), fused_recurrent (decoding step)},
-causal_conv1d/conv, attention/{parallel (B'MOJO attention fwd/bwd), decode}.
+Layout, one folder per op, one file per form: ``selective_scan/{chunk (scan fwd/bwd), fused_recurrent
+(decoding step)}``, ``causal_conv1d/{parallel (prefill fwd/bwd), fused_recurrent (decoding step)}``,
+``attention/{parallel (B'MOJO attention fwd/bwd), decode (one query over a cache)}``; ``utils.py``.
 """
 try:
     import triton  # noqa: F401
     import triton.language  # noqa: F401
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "bmojo_cuda (the cuda backend) needs Triton, which is not importable here "
+        "bmojo.backends.cuda (the cuda backend) needs Triton, which is not importable here "
         f"({e}). Install it with: pip install 'bmojo[cuda]'"
     ) from e
 

@@ -26,3 +26,15 @@ def pow2_divisor(n: int, cap: int) -> int:
 
 def needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+NO_BACKWARD = "the Triton decoding-step kernel has no backward and autograd needs gradients of its inputs"
+
+
+def torch_fallback(op: str, device: torch.device, reason: str):
+    """The torch backend's ``op`` for ``device``, announced once (naming the op, this backend and why):
+    what a cuda op runs when its kernel cannot serve a call."""
+    from bmojo.ops import registry
+
+    registry.warn_once(("cuda", op, reason), f"bmojo: {op} on the cuda backend falls back to the torch backend: {reason}")
+    return registry.torch_implementation(op, device)

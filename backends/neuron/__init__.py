@@ -1,21 +1,26 @@
-"""bmojo's ``neuron`` backend: NKI kernels for AWS Trainium (trn1 / trn2), installed as ``bmojo_neuron``.
+"""bmojo's ``neuron`` backend, ``bmojo.backends.neuron``: NKI kernels for AWS Trainium (trn1 / trn2).
 
-What is here
+What is here (one folder per op, one file per form, as in every backend)
 ------------
-* ``kernels/``: NKI kernels written against the standalone ``nki`` package (NKI 0.3+: ``nki.jit``,
-  ``nki.language``, ``nki.isa``, destination-passing ISA calls): the selective scan forward and backward
-  (``nisa.tensor_tensor_scan`` for the recurrence, the backward adjoint as a scan over reversed time),
-  the one-token ``selective_state_update``, and B'MOJO attention forward and backward (flash-style
-  online softmax over the window, the fading window and the memory slots, masks generated on chip).
-* ``ops.py``: each kernel behind a ``torch.library`` custom op (``torch.ops.bmojo_neuron.*``) with a fake
-  implementation and a registered autograd formula. On XLA tensors (NeuronCores under torch-neuronx)
-  they call the kernels; on any other device they run bmojo's torch backend, so a model built with
-  ``backend="neuron"`` still runs (and differentiates) on CPU.
-* ``layout.py``: the layout glue (token-major in the op API, channel-major for the scan kernels; the
-  time-reversed copies the scan backward reads; summing per-tile partial gradients).
+* ``selective_scan/``: ``chunk.py`` (NKI scan forward and backward: ``nisa.tensor_tensor_scan`` for the
+  recurrence, the backward adjoint as a scan over reversed time), ``fused_recurrent.py`` (NKI one-token
+  ``selective_state_update``), ``layout.py`` (token-major op API <-> channel-major kernels, the
+  time-reversed copies the backward reads, summing per-tile partial gradients), ``custom_ops.py`` (the
+  ``torch.library`` ops ``bmojo_neuron::selective_scan``, ``::selective_scan_backward``,
+  ``::selective_state_update``).
+* ``attention/``: ``parallel.py`` (NKI B'MOJO attention forward and backward: flash-style online
+  softmax over the window, the fading window and the memory slots, masks generated on chip),
+  ``layout.py``, ``custom_ops.py`` (``bmojo_neuron::bmojo_attention``, ``::bmojo_attention_backward``).
+* ``nki_common.py``: on-chip helpers shared by the kernels; ``library.py``: what the custom ops share.
+  Each custom op has a fake implementation and a registered autograd formula. On XLA tensors (NeuronCores
+  under torch-neuronx) they call the kernels; on any other device they run bmojo's torch backend, with a
+  one-time warning (that is how the tests check the ops' autograd on CPU).
 * ``OPS``: the op table ``bmojo.ops.registry`` loads. Ops without an NKI kernel here
-  (``causal_conv1d``, ``attention_decode``, ``innovation_select``) fall back to the torch backend with a
-  one-time warning from the registry.
+  (``causal_conv1d``, ``attention_decode``, ``innovation_*``, ``merge_memory``) fall back to the torch
+  backend with a one-time warning from the registry.
+
+Only the kernel modules (``chunk``, ``fused_recurrent``, ``parallel``, ``nki_common``) import ``nki``, and
+only when a kernel first runs: importing this package needs torch alone.
 
 How users run it
 ----------------
@@ -33,12 +38,19 @@ How users run it
    save it with ``torch.jit.save`` and load it on the instance. Generation with the recurrent state uses
    ``selective_state_update`` per token.
 3. Kernel development without hardware: ``nki.simulate(kernel)(*numpy_or_torch_arrays)`` (or
-   ``NKI_SIMULATOR=1``) runs a kernel on CPU; the tests in ``tests/neuron`` use it when ``nki`` is
+   ``NKI_SIMULATOR=1``) runs a kernel on CPU; the tests in ``tests/backends/neuron`` use it when ``nki`` is
    installed and otherwise a NumPy emulator of the exact NKI subset the kernels use.
 
 Limits: attention head dim <= 128; kernels are fully unrolled at trace time (loops over batch, heads,
 channel tiles and time chunks), so compile time grows with those sizes.
 """
-from .ops import OPS  # noqa: F401  (registers the torch.library ops)
+from .attention.custom_ops import bmojo_attention  # registers the torch.library ops
+from .selective_scan.custom_ops import selective_scan, selective_state_update
+
+OPS = {
+    "selective_scan": selective_scan,
+    "selective_state_update": selective_state_update,
+    "bmojo_attention": bmojo_attention,
+}
 
 __all__ = ["OPS"]

@@ -33,6 +33,9 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache
 
+# The config fields that shape a decoding state: a cache serves only models that agree on all of them.
+STATE_FIELDS = ("layer_types", "hidden_size", "num_key_value_heads", "head_dim", "sliding_window", "fading_window",
+                "memory_slots", "innovation_taps", "d_state", "d_conv", "expand", "tie_fading_kv")
 RING_START = 64  # a ring larger than this starts at the length the first prompt needs
 
 
@@ -385,9 +388,12 @@ class BMojoCache(Cache):
 
     def check_batch(self, batch: int, config) -> None:
         """Raise if this cache cannot serve a forward of ``batch`` rows of a model with ``config``."""
-        if list(config.layer_types) != list(self.config.layer_types):
-            raise ValueError(f"BMojoCache: built for layer_types {self.config.layer_types}, but the model has "
-                             f"{config.layer_types}")
+        if config is not self.config:
+            for field in STATE_FIELDS:
+                ours, theirs = getattr(self.config, field, None), getattr(config, field, None)
+                if ours != theirs:
+                    raise ValueError(f"BMojoCache: built for a model with {field}={ours!r}, but this model has "
+                                     f"{field}={theirs!r}; create the cache from the model's config")
         if self.is_allocated and self.positions.shape[0] != batch:
             raise ValueError(f"BMojoCache: holds {self.positions.shape[0]} rows, but the input has {batch}")
 

@@ -17,9 +17,26 @@ class CheckpointError(ValueError):
     """A checkpoint's files disagree with its config or with the model class."""
 
 
+def check_directory(path: str) -> None:
+    """A local checkpoint directory must exist and hold a config.json (else transformers would fall back
+    to the model hub, or to default settings that contradict the weights)."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such directory")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a directory (a checkpoint is a directory with config.json and weights)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise CheckpointError(f"{path}: no config.json; a bmojo checkpoint directory holds config.json and its weights")
+
+
+def looks_local(path: str) -> bool:
+    """Whether ``path`` names a local path rather than a model-hub repository id (``name`` or ``org/name``)."""
+    return (path.startswith(("/", "./", "../", "~", "\\")) or path.count("/") > 1 or os.sep in path.replace("/", "")
+            or os.path.exists(path))
+
+
 def weight_files(directory: str, allow_pickle: bool = False) -> list[str]:
-    """The safetensors files of a checkpoint directory; pickled weights are refused unless
-    ``allow_pickle`` (and then transformers loads them with ``weights_only=True``)."""
+    """The weight files of a checkpoint directory: safetensors, or pickled ``.bin``/``.pt`` files only
+    with ``allow_pickle`` (read with ``weights_only=True``, checked like safetensors)."""
     index = os.path.join(directory, SAFE_INDEX)
     if os.path.isfile(index):
         with open(index) as fh:
@@ -36,7 +53,18 @@ def weight_files(directory: str, allow_pickle: bool = False) -> list[str]:
         )
     if not pickled:
         raise CheckpointError(f"{directory}: no {SAFE_WEIGHTS} (or {SAFE_INDEX}) found")
-    return []
+    return [os.path.join(directory, f) for f in pickled]
+
+
+def _read_pickle_header(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{name: (shape, dtype string)} of a pickled state dict, read with ``weights_only=True`` (no code runs)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises various types for a non-checkpoint or unsafe pickle
+        raise CheckpointError(f"{path}: not a loadable weights-only checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
+    return {name: (tuple(t.shape), "F32" if t.is_floating_point() else "I64") for name, t in state.items()}
 
 
 def read_header(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -69,11 +97,10 @@ def validate_checkpoint(directory: str, model_class, config, allow_pickle: bool 
     device: names (missing / unexpected), shapes and dtype kinds. Raises CheckpointError naming the
     file, the tensor and both values."""
     files = weight_files(directory, allow_pickle)
-    if not files:  # pickled weights the user explicitly allowed; transformers checks those
-        return
     found: dict[str, tuple[str, tuple[int, ...], str]] = {}
     for path in files:
-        for name, (shape, dtype) in read_header(path).items():
+        header = _read_pickle_header(path) if path.endswith(PICKLE_SUFFIXES) else read_header(path)
+        for name, (shape, dtype) in header.items():
             found[name] = (path, shape, dtype)
 
     with torch.device("meta"):
@@ -111,3 +138,34 @@ def validate_checkpoint(directory: str, model_class, config, allow_pickle: bool 
     if missing:
         raise CheckpointError(f"{directory}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''} "
                               f"({len(missing)} in all) that the config requires")
+    if config.tie_word_embeddings:
+        _check_tied_head(found, prefix if has_head else "")
+
+
+def _load_tensor(path: str, name: str) -> torch.Tensor:
+    if path.endswith(PICKLE_SUFFIXES):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)[name]
+    with safe_open(path, framework="pt") as fh:
+        return fh.get_tensor(name)
+
+
+def _check_tied_head(found: dict, prefix: str) -> None:
+    """With tie_word_embeddings the head is the embedding: a different lm_head.weight in the file means
+    the config contradicts the weights (loading would silently drop the head)."""
+    head, embed = "lm_head.weight", prefix + "embed_tokens.weight"
+    embed = embed if embed in found else next((n for n in found if n.endswith("embed_tokens.weight")), None)
+    if head not in found or embed is None:
+        return
+    a, b = _load_tensor(found[head][0], head), _load_tensor(found[embed][0], embed)
+    if a.shape != b.shape or not torch.equal(a, b):
+        raise CheckpointError(f"{found[head][0]}: holds an lm_head.weight that differs from {embed}, but the config "
+                              "says tie_word_embeddings=True; set tie_word_embeddings=False to load the separate head")
+
+
+def check_finite(model, source: str) -> None:
+    """Refuse parameters holding NaN or +-inf, naming the first (``allow_nonfinite=True`` skips this)."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            bad = "NaN" if bool(torch.isnan(p).any()) else "inf"
+            raise CheckpointError(f"{source}: tensor {name!r} holds {bad} values; refusing to load it "
+                                  "(pass allow_nonfinite=True to load it anyway)")

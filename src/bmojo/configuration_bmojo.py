@@ -1,8 +1,10 @@
-"""BMojoConfig: one config for B'MOJO and the models it generalizes (SPEC 1.2)."""
+"""BMojoConfig: one config for B'MOJO and the models it generalizes (docs/design.md, "The model family")."""
 from __future__ import annotations
 
 import math
+import os
 
+import torch
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
@@ -12,6 +14,19 @@ SSM_TYPES = ("mamba", "bmojo_f", "bmojo")
 ATTENTION_TYPES = ("attention", "sliding_attention", "bmojo_f", "bmojo")
 # RoPE types whose frequencies change with the sequence length: a key cached at one length and the
 # same key recomputed at another would differ, so decoding could not equal the parallel forward.
+# What each field may hold (checked before transformers derives anything from the config).
+_FIELD_KINDS = {
+    "vocab_size": ("int",), "hidden_size": ("int",), "num_hidden_layers": ("int",), "layer_types": ("list", "none"),
+    "intermediate_size": ("int",), "num_attention_heads": ("int",), "num_key_value_heads": ("int", "none"),
+    "head_dim": ("int", "none"), "sliding_window": ("int", "none"), "fading_window": ("int", "none"),
+    "memory_slots": ("int", "none"), "innovation_taps": ("int",), "tie_fading_kv": ("bool",),
+    "rope_theta": ("float", "none"), "max_position_embeddings": ("int", "none"), "d_state": ("int",),
+    "d_conv": ("int",), "expand": ("int",), "dt_rank": ("int", "str"), "dt_min": ("float",), "dt_max": ("float",),
+    "dt_init_floor": ("float",), "conv_bias": ("bool",), "proj_bias": ("bool",), "attention_bias": ("bool",),
+    "mlp_bias": ("bool",), "rms_norm_eps": ("float",), "tie_word_embeddings": ("bool",),
+    "initializer_range": ("float",), "rescale_prenorm_residual": ("bool",), "residual_in_fp32": ("bool",),
+    "backend": ("str",), "use_cache": ("bool",),
+}
 UNSUPPORTED_ROPE_TYPES = {
     "dynamic": "is not supported: dynamic NTK scaling recomputes the frequencies from the current length, "
                "so cached keys and the parallel forward disagree; use 'yarn', 'llama3' or 'linear'",
@@ -103,6 +118,7 @@ class BMojoConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self, **kwargs):
+        self._check_field_types(kwargs)
         if self.layer_types is None:
             self.layer_types = ["bmojo"] * self.num_hidden_layers
         layer_types = list(self.layer_types)
@@ -122,6 +138,43 @@ class BMojoConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         self.layer_types = layer_types  # transformers renames legacy types ("mamba" -> "linear_attention")
         self.check()  # a plain ValueError naming the field, before transformers' own wrapped checks
+
+    def _check_field_types(self, kwargs: dict) -> None:
+        """Each field's type, before anything is derived from it: a bool is not an int, an int-valued
+        field takes no float, a float field is finite; the message names the field, its value and type."""
+
+        def bad(field, value, why):
+            raise ValueError(f"BMojoConfig: {field}={value!r} ({type(value).__name__}) is invalid: {why}")
+
+        for field, kinds in _FIELD_KINDS.items():
+            value = getattr(self, field)
+            if value is None and "none" in kinds:
+                continue
+            if field == "dt_rank" and value == "auto":
+                continue
+            if "int" in kinds and isinstance(value, int) and not isinstance(value, bool):
+                continue
+            if "float" in kinds and isinstance(value, (int, float)) and not isinstance(value, bool):
+                if not math.isfinite(value):
+                    bad(field, value, "must be a finite number")
+                continue
+            if "bool" in kinds and isinstance(value, bool):
+                continue
+            if "str" in kinds and isinstance(value, str):
+                continue
+            if "list" in kinds and isinstance(value, (list, tuple)):
+                continue
+            bad(field, value, f"must be {' or '.join(k if k != 'none' else 'None' for k in kinds)}")
+        for name in ("dtype", "torch_dtype"):
+            value = kwargs.get(name, getattr(self, name, None) if name == "dtype" else None)
+            if isinstance(value, str) and not isinstance(getattr(torch, value, None), torch.dtype):
+                bad(name, value, "must name a torch dtype (e.g. 'float32', 'bfloat16')")
+        for field in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, field)
+            for token in value if isinstance(value, (list, tuple)) else [value]:
+                if token is not None and (isinstance(token, bool) or not isinstance(token, int)
+                                          or not 0 <= token < self.vocab_size):
+                    bad(field, value, f"token ids must be ints in [0, vocab_size={self.vocab_size})")
 
     # -- RoPE: transformers calls these from __post_init__ and from its RoPE functions ---------------
     def convert_rope_params_to_dict(self, **kwargs):
@@ -151,6 +204,19 @@ class BMojoConfig(PreTrainedConfig):
 
     def standardize_rope_params(self) -> None:
         """Already standard (see :meth:`convert_rope_params_to_dict`); transformers' RoPE functions call it."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """transformers' ``from_pretrained``; a local directory without config.json, or a local path that
+        does not exist, is an error naming the path (not default settings, not a model-hub lookup)."""
+        from .checkpoint import check_directory, looks_local
+
+        path = os.path.expanduser(str(pretrained_model_name_or_path))
+        if os.path.isdir(path) or looks_local(path):
+            if os.path.isfile(path) and path.endswith(".json"):
+                return super().from_pretrained(path, **kwargs)
+            check_directory(path)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     # transformers runs every `validate_*` method after __init__ and before saving; ours replace its
     # layer-type vocabulary (attention kinds only) with the zoo's.

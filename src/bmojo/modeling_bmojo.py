@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +30,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .cache import BMojoCache, LayerState
-from .checkpoint import validate_checkpoint
+from .checkpoint import check_directory, check_finite, looks_local, validate_checkpoint
 from .configuration_bmojo import BMojoConfig
 from .hf_compat import CACHE_NAME, output_cache, take_cache
 from .layers.attention import BMojoAttention
@@ -140,44 +142,66 @@ class BMojoPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = False
     _no_split_modules = ["BMojoDecoderLayer"]
-    _keep_in_fp32_modules = ["A_log", "D"]
+    _keep_in_fp32_modules_strict = ["A_log", "D"]  # fp32 whatever dtype the model is loaded in (bf16 too)
     _is_stateful = True
     _supports_sdpa = False
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, allow_pickle: bool = False, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, allow_pickle: bool = False,
+                        allow_nonfinite: bool = False, **kwargs):
         """transformers' ``from_pretrained``, after a full check of a local checkpoint (see
-        :func:`bmojo.checkpoint.validate_checkpoint`). Safetensors only unless ``allow_pickle``."""
-        path = str(pretrained_model_name_or_path)
-        if os.path.isdir(path):
+        :func:`bmojo.checkpoint.validate_checkpoint`): every tensor named, shaped and typed as the config
+        requires, whatever the file format. Safetensors only unless ``allow_pickle`` (then read with
+        ``weights_only=True``). Weights holding NaN or inf are refused unless ``allow_nonfinite``. A
+        local path that does not exist, or has no config.json, is an error (no model-hub lookup)."""
+        path = os.path.expanduser(str(pretrained_model_name_or_path))
+        if os.path.isdir(path) or looks_local(path):
+            check_directory(path)
             config = kwargs.get("config")
             if not isinstance(config, BMojoConfig):
                 config = BMojoConfig.from_pretrained(path)
             validate_checkpoint(path, cls, config, allow_pickle=allow_pickle)
         if not allow_pickle:
             kwargs["use_safetensors"] = True
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if not allow_nonfinite:
+            check_finite(model[0] if isinstance(model, tuple) else model, path)
+        return model
 
     def save_pretrained(self, save_directory, *args, remote_code: bool = False, **kwargs):
         """Safetensors weights and config.json. ``remote_code=True`` also writes an ``auto_map`` and the two
         one-line files it names (they import the installed bmojo), for ``trust_remote_code=True`` loading
-        without ``import bmojo``; by default a checkpoint holds no Python file."""
+        without ``import bmojo``; by default a checkpoint holds no Python file.
+
+        Files are written beside the target and renamed into place: a symbolic link in the target is
+        replaced, never followed, and a failed save leaves the previous files as they were."""
         if kwargs.get("safe_serialization") is False:
             raise ValueError("bmojo saves safetensors only (safe_serialization=False was asked for)")
+        save_directory = str(save_directory)
+        os.makedirs(save_directory, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".bmojo-save-", dir=save_directory)  # same filesystem: atomic renames
         had, auto_map = hasattr(self.config, "auto_map"), getattr(self.config, "auto_map", None)
-        if remote_code:
-            self.config.auto_map = dict(AUTO_MAP)
-        elif had:
-            del self.config.auto_map
         try:
-            super().save_pretrained(save_directory, *args, **kwargs)
+            if remote_code:
+                self.config.auto_map = dict(AUTO_MAP)
+            elif had:
+                del self.config.auto_map
+            super().save_pretrained(staging, *args, **kwargs)
+            if remote_code:
+                write_remote_code_shims(staging)
+            written = set(os.listdir(staging))
+            for name in os.listdir(save_directory):  # weights of an earlier save that this one does not rewrite
+                if name.startswith("model") and name.endswith((".safetensors", ".safetensors.index.json")) \
+                        and name not in written:
+                    os.unlink(os.path.join(save_directory, name))
+            for name in written:
+                os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
         finally:
             if had:
                 self.config.auto_map = auto_map
             elif remote_code:
                 del self.config.auto_map
-        if remote_code:
-            write_remote_code_shims(save_directory)
+            shutil.rmtree(staging, ignore_errors=True)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -211,6 +235,7 @@ class BMojoModel(BMojoPreTrainedModel):
         self.rotary_emb = BMojoRotaryEmbedding(config) if config.rope_parameters is not None else None
         self._fading_rope = self.rotary_emb is not None and any(
             t in ("bmojo_f", "bmojo") for t in config.layer_types) and config.effective_fading_window > 0
+        self._memory = "bmojo" in config.layer_types
         self.post_init()
 
     def get_input_embeddings(self):
@@ -247,6 +272,10 @@ class BMojoModel(BMojoPreTrainedModel):
                              f"got {tuple(inputs_embeds.shape)}")
         if x.shape[1] == 0:
             raise ValueError("BMojoModel: got an empty sequence (T = 0)")
+        if x.shape[0] == 0:
+            raise ValueError(f"BMojoModel: got an empty batch (shape {tuple(x.shape)})")
+        if inputs_embeds is not None and not inputs_embeds.is_floating_point():
+            raise ValueError(f"BMojoModel: inputs_embeds must be floating point, got dtype {inputs_embeds.dtype}")
 
     def _token_spans(self, attention_mask, T: int, position_ids=None):
         """(first token, number of tokens) per row (b,) of a padded prompt, or None when nothing is masked.
@@ -326,6 +355,8 @@ class BMojoModel(BMojoPreTrainedModel):
         # values are checked for a prompt and for new tokens after a cache; a decoding step checks
         # shapes only (reading values back would synchronise with the device every token)
         self._check_inputs(input_ids, inputs_embeds, check_values=start == 0 or _length(input_ids, inputs_embeds) > 1)
+        if input_ids is not None and input_ids.dtype not in (torch.long, torch.int):
+            input_ids = input_ids.long()  # uint8 / int16 token ids: the embedding takes int64 or int32
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, T, _ = h.shape
         if cache is not None:
@@ -399,8 +430,10 @@ class BMojoModel(BMojoPreTrainedModel):
         host_start = None if cache.uniform_offset is None else seen - cache.uniform_offset  # every row's, if shared
         rope = self._rope(h, start[:, None] + torch.arange(T, device=h.device)[None, :])
         w = self.config.sliding_window
-        rope_window = (self._rope(h, start[:, None] - w + torch.arange(w, device=h.device)[None, :])
-                       if self._fading_rope else None)
+        rope_window = None
+        if self._fading_rope:  # RoPE of the positions the window rings hold (w, or fewer while they grow)
+            n = next(s.window.capacity for s in cache.layer_states if s.window is not None)
+            rope_window = self._rope(h, start[:, None] - n + torch.arange(n, device=h.device)[None, :])
         hidden = [] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
             if hidden is not None:
@@ -419,7 +452,8 @@ class BMojoModel(BMojoPreTrainedModel):
         outs, per_token, per_token_attn = [], [], []
         for j in range(T):
             x, t, seen = h[:, j], cache.positions, cache.seen_tokens
-            boundary = None if cache.uniform_offset is None or w is None else (seen - cache.uniform_offset) % w == 0
+            boundary = (None if cache.uniform_offset is None or not self._memory
+                        else (seen - cache.uniform_offset) % w == 0)  # chunk starts matter to bmojo layers only
             ctx = StepContext(t=t, seen=seen, rope=self._rope(x, t[:, None]), boundary=boundary,
                               rope_evicted=self._rope(x, (t - w)[:, None]) if self._fading_rope else None)
             hid, attn = [], []
@@ -546,10 +580,24 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         logits = self.lm_head(h.to(self.lm_head.weight.dtype))
         loss = None
         if labels is not None:
+            self._check_labels(labels, out.last_hidden_state.shape[:2])
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
         output = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
                                         attentions=out.attentions, **{CACHE_NAME: output_cache(out)})
         return output if return_dict else output.to_tuple()
+
+    def _check_labels(self, labels: torch.Tensor, shape) -> None:
+        """labels: integer token ids (b, T) like the input, each in [0, vocab_size) or -100 (ignored)."""
+        if not torch.is_tensor(labels) or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"BMojoForCausalLM: labels must be integer token ids, got "
+                             f"{labels.dtype if torch.is_tensor(labels) else type(labels).__name__}")
+        if tuple(labels.shape) != tuple(shape):
+            raise ValueError(f"BMojoForCausalLM: labels must have the input's shape {tuple(shape)}, got {tuple(labels.shape)}")
+        if not torch.compiler.is_compiling():
+            bad = (labels != -100) & ((labels < 0) | (labels >= self.config.vocab_size))
+            if bool(bad.any()):
+                raise ValueError(f"BMojoForCausalLM: labels hold {labels[bad][0].item()}, outside the vocabulary "
+                                 f"[0, {self.config.vocab_size}) and not the ignore index -100")
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode=None, batch_size=None,
                                       max_cache_length=None, *args, **kwargs):

@@ -1,4 +1,5 @@
-"""Attention of one new query per row over cached keys (the decoding step), in Triton."""
+"""Attention of one new query per row over cached keys (the decoding step), in Triton (the whole-sequence
+attention is ``parallel.py``)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import needs_grad, next_pow2
+from ..utils import NO_BACKWARD, needs_grad, next_pow2, torch_fallback
 
 
 @triton.jit
@@ -47,12 +48,11 @@ def _attn_decode_kernel(
 
 
 def attention_decode(q, k, v, valid=None, scale=None):
-    """Same contract as :func:`bmojo.ops.attention_decode_ref`. Decoding step without a backward: under
-    autograd it runs the reference."""
+    """Same contract as :func:`bmojo.ops.attention_decode` (one cache, not segments). A decoding step
+    without a backward: when autograd needs gradients of q, k or v it runs the torch backend's decode
+    step instead, with a one-time warning."""
     if needs_grad(q, k, v):
-        from bmojo.ops.attention.naive import attention_decode_ref
-
-        return attention_decode_ref(q, k, v, valid, scale)
+        return torch_fallback("attention_decode", q.device, NO_BACKWARD)(q, k, v, valid, scale)
     b, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)

@@ -1,6 +1,7 @@
-"""B'MOJO attention in Triton: one online softmax over in-context, fading and memory keys.
+"""B'MOJO attention in Triton over a whole sequence: one online softmax over in-context, fading and memory
+keys (the decoding step is ``decode.py``).
 
-Query t sees (SPEC 1.1 step 5)
+Query t sees (docs/design.md, "The layer", step 5)
   - in-context keys k[s],  t - w < s <= t          (window=None: every s <= t),
   - fading keys kf[s],     t - w - m_f < s <= t - w,
   - memory keys km[c, j] of its chunk c = t // w whose slot j is valid.
@@ -489,7 +490,8 @@ class BMojoAttentionFn(torch.autograd.Function):
 
 def bmojo_attention(q, k, v, window=None, k_fading=None, v_fading=None, fading_window=None, k_memory=None,
                     v_memory=None, memory_valid=None, scale=None, return_lse=False):
-    """Same contract as :func:`bmojo.ops.bmojo_attention_ref` (o in q's dtype, lse (b, T, Hq) fp32)."""
+    """Same contract as :func:`bmojo.ops.bmojo_attention` without ``q_start`` (o in q's dtype, lse (b, T, Hq)
+    fp32): calls with keys before the queries go to the torch backend (``registry.resolve_resuming``)."""
     b, T, Hq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     m_f = None

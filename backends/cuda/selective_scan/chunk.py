@@ -1,4 +1,5 @@
-"""Selective scan (Mamba-1) in Triton, forward and backward, with checkpointed chunk states.
+"""Selective scan (Mamba-1) in Triton, forward and backward, with checkpointed chunk states (the decoding
+step is ``fused_recurrent.py``).
 
 Layout is token-major: x, dt, z (b, T, d); A (d, N); B, C (b, T, G, N) (G = 1 for shared B/C).
 
@@ -341,7 +342,7 @@ class SelectiveScanFn(torch.autograd.Function):
 
 def selective_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True, initial_state=None,
                    return_final_state=False, chunk_size=None):
-    """Triton selective scan; same contract as :func:`bmojo.ops.selective_scan_ref` (y in x's dtype,
+    """Triton selective scan; same contract as :func:`bmojo.ops.selective_scan` (y in x's dtype,
     final state (b, d, N) fp32). ``chunk_size`` is the time tile (rounded up to a power of two) and the
     spacing of the states checkpointed for the backward."""
     b, T, d = x.shape

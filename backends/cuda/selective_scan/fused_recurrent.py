@@ -1,11 +1,12 @@
-"""One decoding step of the selective scan in Triton: the state (b, d, N) is updated in place."""
+"""One decoding step of the selective scan in Triton: the state (b, d, N) is updated in place (the
+chunked scan is ``chunk.py``)."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from ..utils import needs_grad, next_pow2
+from ..utils import NO_BACKWARD, needs_grad, next_pow2, torch_fallback
 from .chunk import _sigmoid, _softplus
 
 
@@ -48,13 +49,12 @@ def _state_update_kernel(
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True):
-    """Same contract as :func:`bmojo.ops.selective_state_update_ref`: ``state`` (b, d, N) is updated in
-    place and y (b, d) is returned. This is the decoding step and has no backward: when autograd needs
-    gradients of the inputs it runs the torch reference instead."""
+    """Same contract as :func:`bmojo.ops.selective_state_update`: ``state`` (b, d, N) is updated in place
+    and y (b, d) is returned. This is the decoding step and has no backward: when autograd needs gradients
+    of the inputs it runs the torch backend's step instead, with a one-time warning."""
     if needs_grad(x, dt, A, B, C, D, z, dt_bias):
-        from bmojo.ops.selective_scan.naive import selective_state_update_ref
-
-        return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+        return torch_fallback("selective_state_update", x.device, NO_BACKWARD)(
+            state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
     b, d = x.shape
     N = A.shape[1]
     B3 = B.unsqueeze(1) if B.dim() == 2 else B

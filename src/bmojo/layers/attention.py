@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import ops as op_api
@@ -72,15 +73,77 @@ class BMojoAttention(nn.Module):
         return kf, vf
 
     def _attend(self, q, k, v, kw: dict, memory: ChunkMemory | None, output_attentions: bool):
-        """o (b, T, Hq*D) and, if asked, the reference's weights per source position."""
+        """o (b, T, Hq*D) and, if asked, the reference's weights per source position.
+
+        Causality holds for non-finite values too: a key or value holding NaN or inf (from a NaN in the
+        input at its position) must not reach earlier queries, but a masked key still enters a blocked
+        kernel's products as 0 * NaN. So such keys are zeroed before the kernel, and every query that
+        does see one gets NaN, as it would from the exact product."""
         b, T = q.shape[:2]
+        keys = dict(k=k, v=v, k_fading=kw.get("k_fading"), v_fading=kw.get("v_fading"))
+        bad = {name: _nonfinite_rows(x) for name, x in keys.items() if x is not None}
+        if memory is not None:
+            bad_memory = _nonfinite_rows(memory.k.flatten(1, 2)).view(memory.valid.shape) \
+                | _nonfinite_rows(memory.v.flatten(1, 2)).view(memory.valid.shape)
+        poisoned = None
+        if not torch.compiler.is_compiling() and q.device.type == "cpu":  # a free check on CPU: skip when clean
+            if not any(bool(x.any()) for x in bad.values()) and (memory is None or not bool(bad_memory.any())):
+                bad = {}
+        if bad:
+            poisoned = self._sees_nonfinite(T, bad, kw, memory, bad_memory if memory is not None else None)
+            k = k.masked_fill(bad["k"].view(b, -1, 1, 1), 0).masked_fill(bad["v"].view(b, -1, 1, 1), 0)
+            v = v.masked_fill(bad["k"].view(b, -1, 1, 1), 0).masked_fill(bad["v"].view(b, -1, 1, 1), 0)
+            if "k_fading" in bad:
+                either = (bad["k_fading"] | bad["v_fading"]).view(b, -1, 1, 1)
+                kw.update(k_fading=kw["k_fading"].masked_fill(either, 0), v_fading=kw["v_fading"].masked_fill(either, 0))
+            if memory is not None:
+                slots = bad_memory[..., None, None]
+                memory = ChunkMemory(k=memory.k.masked_fill(slots, 0), v=memory.v.masked_fill(slots, 0),
+                                     valid=memory.valid, pos=memory.pos, eps=memory.eps)
         if memory is not None:
             kw.update(k_memory=memory.k, v_memory=memory.v, memory_valid=memory.valid)
         if output_attentions:
             o, weights = op_api.bmojo_attention_weights_ref(
                 q, k, v, memory_positions=None if memory is None else memory.pos, **kw)
-            return o.reshape(b, T, -1), weights
-        return self.kernels.on(q.device).bmojo_attention(q, k, v, **kw).reshape(b, T, -1), None
+        else:
+            o, weights = self.kernels.on(q.device).bmojo_attention(q, k, v, **kw), None
+        if poisoned is not None:
+            o = o.masked_fill(poisoned[..., None, None], float("nan"))
+        return o.reshape(b, T, -1), weights
+
+    def _sees_nonfinite(self, T: int, bad: dict, kw: dict, memory, bad_memory) -> torch.Tensor:
+        """(b, T) bool: which queries see a non-finite key or value (window, fading band or memory slot).
+        Positions as in ``ops.bmojo_attention``: query j at q_start + j, key sequences ending with the queries."""
+        w, start = kw["window"], kw.get("q_start")
+        b = next(iter(bad.values())).shape[0]
+        device = next(iter(bad.values())).device
+        j = torch.arange(T, device=device)[None, :]
+
+        def count(flags: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+            """Bad keys at sequence indices in (lo, hi] per query (indices clamped to the sequence)."""
+            c = F.pad(flags.long().cumsum(1), (1, 0))  # c[i] = bad keys among indices < i
+            n = flags.shape[1]
+            take = lambda i: torch.gather(c, 1, (i + 1).clamp(0, n).expand(b, -1))  # noqa: E731
+            return take(hi) - take(lo)
+
+        ctx = bad["k"] | bad["v"]
+        offset = ctx.shape[1] - T  # index of query j's own key: offset + j
+        if w is None:
+            seen = count(ctx, torch.full_like(j, -1), offset + j)  # every key up to the query's own
+        else:
+            seen = count(ctx, offset + j - w, offset + j)
+        if "k_fading" in bad:
+            fad = bad["k_fading"] | bad["v_fading"]
+            f_off = fad.shape[1] - T
+            m_f = kw.get("fading_window") if kw.get("fading_window") is not None else w
+            seen = seen + count(fad, f_off + j - w - m_f, f_off + j - w)
+        out = seen > 0
+        if memory is not None:
+            slot_bad = (bad_memory & memory.valid).any(-1)  # (b, chunks)
+            s = torch.zeros(b, dtype=torch.long, device=device) if start is None else start
+            chunk = torch.div(s[:, None] + j, w, rounding_mode="floor") - torch.div(s, w, rounding_mode="floor")[:, None]
+            out = out | torch.gather(slot_bad, 1, chunk.clamp(max=slot_bad.shape[1] - 1))
+        return out
 
     # -- a fresh sequence ---------------------------------------------------------------------
     def forward(self, u: torch.Tensor, rope=None, state: LayerState | None = None, lengths: torch.Tensor | None = None,
@@ -126,9 +189,11 @@ class BMojoAttention(nn.Module):
         w, m_f = self.window, self.fading_window
         at = start if host_start is None else host_start  # the first new position, per row or shared
         before = at - 1  # the state's last position
-        # the window's keys then the new ones: index i is position start - w + i
-        k_seq = torch.cat([state.window.ordered("k", before, w), k.to(state.window.k.dtype)], 1)
-        v_seq = torch.cat([state.window.ordered("v", before, w), v.to(state.window.v.dtype)], 1)
+        # the window ring's keys then the new ones: index i is position start - n + i. A ring still growing
+        # toward a huge w (n < w) holds every position so far; there is nothing before it.
+        n = state.window.capacity
+        k_seq = torch.cat([state.window.ordered("k", before, n), k.to(state.window.k.dtype)], 1)
+        v_seq = torch.cat([state.window.ordered("v", before, n), v.to(state.window.v.dtype)], 1)
         kw = dict(window=w, q_start=start)
         f = f_seq = kf_seq = vf_seq = memory = eps_seq = None
         if self.use_fading:
@@ -137,14 +202,17 @@ class BMojoAttention(nn.Module):
                 fading = state.fading
                 kf, vf = self._fading_kv(f, rope)
                 if self.keeps_ssm_outputs:  # the window's tokens' fading keys, projected now at their positions
-                    f_window = fading.window_f.ordered("f", before, w)
-                    kf_w, vf_w = self._fading_kv(f_window.to(f.dtype), rope_window)
+                    f_window = fading.window_f.ordered("f", before, n)
+                    kf_w, vf_w = self._fading_kv(f_window.to(f.dtype), None if rope_window is None else
+                                                 tuple(x[..., -n:, :] for x in rope_window))
                     f_seq = torch.cat([f_window, f.to(f_window.dtype)], 1)
                 else:
-                    kf_w, vf_w = fading.window_kv.ordered("k", before, w), fading.window_kv.ordered("v", before, w)
-                # fading keys: the ring's m_f, the window's w, the new T: index i is position start - w - m_f + i
-                kf_seq = torch.cat([fading.ring.ordered("k", before - w, m_f), kf_w.to(kf.dtype), kf], 1)
-                vf_seq = torch.cat([fading.ring.ordered("v", before - w, m_f), vf_w.to(vf.dtype), vf], 1)
+                    kf_w, vf_w = fading.window_kv.ordered("k", before, n), fading.window_kv.ordered("v", before, n)
+                # fading keys: the ring's m_f (none while the window ring grows: they would precede
+                # position 0), the window's n, the new T: index i is position start - n - n_f + i
+                n_f = fading.ring.capacity if n == w else 0
+                kf_seq = torch.cat([fading.ring.ordered("k", before - w, n_f), kf_w.to(kf.dtype), kf], 1)
+                vf_seq = torch.cat([fading.ring.ordered("v", before - w, n_f), vf_w.to(vf.dtype), vf], 1)
                 kw.update(k_fading=kf_seq, v_fading=vf_seq, fading_window=m_f)
         if self.eidetic is not None:
             memory, eps_seq = self.eidetic.resume(state.eidetic, f, k_seq, v_seq, start, host_start)
@@ -154,8 +222,9 @@ class BMojoAttention(nn.Module):
             if self.eidetic is not None:  # the predictor's taps then the new outputs
                 f_hist = (torch.cat([state.eidetic.history, f.to(state.eidetic.history.dtype)], 1),
                           at - self.config.innovation_taps)
-            self._hand_off(state, start + T - 1, (k_seq, v_seq, at - w), (kf_seq, vf_seq, at - w - m_f),
-                           (f_seq, at - w), memory, eps_seq, torch.div(start, w, rounding_mode="floor"), f_hist,
+            n_f = 0 if kf_seq is None else kf_seq.shape[1] - T - n
+            self._hand_off(state, start + T - 1, (k_seq, v_seq, at - n), (kf_seq, vf_seq, at - n - n_f),
+                           (f_seq, at - n), memory, eps_seq, torch.div(start, w, rounding_mode="floor"), f_hist,
                            host_last=None if host_start is None else host_start + T - 1)
         return self.o_proj(o)
 
@@ -254,3 +323,8 @@ class BMojoAttention(nn.Module):
         # the rings and slots are read in place as segments (no per-step copy of the cached keys)
         o = ops.attention_decode(q, tuple(keys), tuple(values), valids)
         return self.o_proj(o.reshape(b, -1))
+
+
+def _nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
+    """(b, n, ...) -> (b, n) bool: rows holding NaN or inf."""
+    return ~torch.isfinite(x).flatten(2).all(-1)

@@ -66,10 +66,12 @@ class EideticMemory:
         """Chunk ``chunk`` (b,)'s new candidates, positions ((chunk-2)w, (chunk-1)w], from sequences
         whose index i is position first + i; positions before 0 or after ``last`` (b,) are not candidates."""
         w = self.window
-        pos = (chunk - 2)[:, None] * w + 1 + torch.arange(w, device=chunk.device)[None, :]
         first = first if torch.is_tensor(first) else torch.full_like(chunk, first)
+        # only positions held by the sequences can be candidates: at most min(w, its length) of them
+        lo = torch.maximum((chunk - 2) * w + 1, first)
+        pos = lo[:, None] + torch.arange(min(w, eps_seq.shape[1]), device=chunk.device)[None, :]
         index = pos - first[:, None]
-        ok = (pos >= 0) & (pos <= last[:, None])
+        ok = (pos >= 0) & (pos <= last[:, None]) & (pos <= ((chunk - 1) * w)[:, None])
         index = torch.where(ok, index, torch.full_like(index, -1))
         eps = gather_positions(eps_seq, index).masked_fill(~ok, float("-inf"))
         return gather_positions(k_seq, index), gather_positions(v_seq, index), eps, pos.clamp(min=0)
@@ -94,8 +96,9 @@ class EideticMemory:
         w, T = self.window, f.shape[1]
         eps_new = self.kernels.on(f.device).innovation_scores(f, self.taps, state.history)
         before = (start if host_start is None else host_start) - 1
-        eps_seq = torch.cat([state.scores.ordered("eps", before, w), eps_new.to(torch.float32)], 1)
-        first, last = start - w, start + T - 1
+        held = state.scores.capacity  # = the window ring's: w, or all positions so far while it grows
+        eps_seq = torch.cat([state.scores.ordered("eps", before, held), eps_new.to(torch.float32)], 1)
+        first, last = start - held, start + T - 1
         c0 = torch.div(start, w, rounding_mode="floor")
         # Chunk c0 + 1's candidates, ((c0-1)w, c0 w], are still in the window ring only if chunk c0
         # begins with the new tokens; otherwise the state chose that chunk's memory when c0 began.

@@ -1,22 +1,29 @@
-"""The op API the model calls (SPEC section 2). Every op takes ``backend`` ("auto", "torch", "cuda",
-"neuron") and dispatches through :mod:`bmojo.ops.registry`. Layout is token-major: (batch, T, ...).
+"""The op API the model calls (docs/design.md, "Op API and backends"): each op's contract, its shape
+checks and its dispatch. Every op takes ``backend`` ("auto", "torch", "cuda", "neuron") and dispatches
+through :mod:`bmojo.ops.registry` to ``bmojo.backends.<name>.OPS``. Layout is token-major: (batch, T, ...).
 
-Naive references, the test oracle for every backend, live beside the fast code in each op's folder
-(``bmojo/ops/<op>/naive.py``) and are re-exported here with a ``_ref`` suffix.
+The naive oracles, one self-contained module per op in :mod:`bmojo.ops.reference`, are re-exported here
+with a ``_ref`` suffix. The implementations live in ``bmojo.backends.<name>.<op>`` (repository folder
+``backends/<name>/<op>/``).
 """
 from __future__ import annotations
 
 import torch
 
-from .attention.naive import (
+from .reference import (
     attention_decode_ref,
     attention_decode_weights_ref,
     bmojo_attention_ref,
     bmojo_attention_weights_ref,
     bmojo_visibility_masks,
+    causal_conv1d_ref,
+    causal_conv1d_update_ref,
+    innovation_scores_ref,
+    innovation_select_ref,
+    selective_scan_ref,
+    selective_state_update_ref,
 )
-from .causal_conv1d.naive import causal_conv1d_ref, causal_conv1d_update_ref
-from .innovation.naive import innovation_scores_ref, innovation_select_ref
+from . import registry
 from .registry import (
     BACKEND_NAMES,
     Kernels,
@@ -28,7 +35,6 @@ from .registry import (
     resolve,
     resolve_resuming,
 )
-from .selective_scan.naive import selective_scan_ref, selective_state_update_ref
 
 __all__ = [
     "selective_scan", "selective_state_update", "causal_conv1d", "causal_conv1d_update",
@@ -156,7 +162,7 @@ def attention_decode(q, k, v, valid=None, scale=None, backend=None):
 
     k, v and valid may also be tuples of segments (b, S_i, ...) that together form the S keys, in order
     (a decoder's window ring, fading ring and memory slots): backends that read segments in place
-    (``fn.segments``) get them as they are, the others get them concatenated.
+    (``fn.segments``) get them as they are, the others get them concatenated (with a one-time warning).
     """
     segmented = isinstance(k, (tuple, list))
     ks, vs = (tuple(k), tuple(v)) if segmented else ((k,), (v,))
@@ -169,8 +175,9 @@ def attention_decode(q, k, v, valid=None, scale=None, backend=None):
                and vi.shape == ki.shape and ki.shape[2] == ks[0].shape[2],
                f"attention_decode: q must be (b, Hq, D) and k, v (b, S, Hkv, D), got {tuple(q.shape)}, "
                f"{tuple(ki.shape)} and {tuple(vi.shape)}")
-    fn = resolve("attention_decode", backend, q.device)
+    name, fn = registry._resolve("attention_decode", backend, q.device)
     if segmented and not getattr(fn, "segments", False):
+        registry.warn_concatenating_segments(name, q.device)
         k, v = torch.cat(ks, 1), torch.cat(vs, 1)
         valid = None if valid is None else torch.cat(tuple(valid), 1)
     return fn(q, k, v, valid, scale)

@@ -1,16 +1,23 @@
-"""Backend registry and dispatch for ``bmojo.ops``.
+"""Backend registry and dispatch for ``bmojo.ops`` (docs/design.md, "Op API and backends").
 
-A backend is a module exposing ``OPS: dict[str, callable]`` plus a check that says why it cannot run
-here. ``backend="auto"`` picks by the tensors' device; naming a backend that cannot run raises; any
-fallback to the torch backend warns once, saying why.
+A backend is a module (``bmojo.backends.<name>``) exposing ``OPS``, plus a check that says why it cannot
+run here. ``OPS`` maps an op name to its implementation, either one callable for every device or a table
+by device type: ``{"cpu": fn, "cuda": fn, "default": fn}`` (``torch.device.type`` keys; ``"default"``
+for the device types not listed). Device-specific choices are registered there, and resolved here, never
+branched on inside an implementation.
+
+``backend="auto"`` picks by the tensors' device; naming a backend that cannot run raises; every fallback
+(to the torch backend, or anything else a backend runs instead of its kernel) warns once, naming the op,
+the backend and the reason (:func:`warn_once`).
 """
 from __future__ import annotations
 
 import importlib
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 
@@ -26,6 +33,9 @@ OP_NAMES = (
     "merge_memory",
 )
 BACKEND_NAMES = ("auto", "torch", "cuda", "neuron")
+
+
+OpEntry = Union[Callable, Mapping[str, Callable]]  # one implementation, or one per device type
 
 
 class BackendUnavailableError(RuntimeError):
@@ -68,30 +78,59 @@ class Backend:
         # The Triton interpreter runs the CUDA kernels on CPU tensors (how they are tested without a GPU).
         return self.name == "cuda" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
-    def ops(self) -> dict[str, Callable]:
+    def ops(self) -> dict[str, OpEntry]:
         if self._ops is None:
             self._ops = importlib.import_module(self.module).OPS
         return self._ops
 
+    def implementation(self, op: str, device: torch.device) -> Callable | None:
+        """This backend's implementation of ``op`` for tensors on ``device``, or None when it has none."""
+        return for_device(self.ops().get(op), device)
+
+
+def for_device(entry: OpEntry | None, device: torch.device) -> Callable | None:
+    """An ``OPS`` entry resolved for ``device``: the callable itself, or the table's entry for
+    ``device.type`` (else its ``"default"``); None when there is no entry for this device."""
+    if entry is None or callable(entry):
+        return entry
+    if not isinstance(entry, Mapping):
+        raise TypeError(f"an OPS entry must be a callable or a mapping from device type to callable, got {entry!r}")
+    return entry.get(device.type, entry.get("default"))
+
 
 _BACKENDS: dict[str, Backend] = {
-    "torch": Backend("torch", "bmojo.ops.torch_ops", lambda: None, ("cpu", "cuda", "mps", "xla", "meta", "neuron")),
-    "cuda": Backend("cuda", "bmojo_cuda", _cuda_unavailable, ("cuda",)),
-    "neuron": Backend("neuron", "bmojo_neuron", _neuron_unavailable, ("xla", "neuron")),
+    "torch": Backend("torch", "bmojo.backends.torch", lambda: None, ("cpu", "cuda", "mps", "xla", "meta", "neuron")),
+    "cuda": Backend("cuda", "bmojo.backends.cuda", _cuda_unavailable, ("cuda",)),
+    "neuron": Backend("neuron", "bmojo.backends.neuron", _neuron_unavailable, ("xla", "neuron")),
 }
 _AUTO_BY_DEVICE = {"cuda": "cuda", "xla": "neuron", "neuron": "neuron"}
 _warned: set[tuple[str, ...]] = set()
 
 
 def register_backend(name: str, module: str, unavailable: Callable[[], str | None], devices: tuple[str, ...]):
-    """Register (or replace) a backend: ``module`` must expose ``OPS`` mapping op names to callables."""
+    """Register (or replace) a backend: ``module`` must expose ``OPS`` mapping op names to callables or to
+    tables by device type (see the module docstring)."""
     _BACKENDS[name] = Backend(name, module, unavailable, devices)
 
 
-def _warn_once(key: tuple[str, ...], message: str) -> None:
+def warn_once(key: tuple[str, ...], message: str, stacklevel: int = 3) -> None:
+    """Warn (RuntimeWarning) the first time ``key`` is seen in this process: how every fallback is
+    announced. The message names the op, the backend and the reason."""
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
+
+
+def _warn_once(key: tuple[str, ...], message: str) -> None:
+    warn_once(key, message, stacklevel=5)  # warn_once, _warn_once, _resolve, resolve, the op: its caller
+
+
+def torch_implementation(op: str, device: torch.device) -> Callable:
+    """The torch backend's implementation of ``op`` for tensors on ``device`` (what every fallback runs)."""
+    impl = _BACKENDS["torch"].implementation(op, device)
+    if impl is None:  # every torch entry has a default
+        raise RuntimeError(f"the torch backend has no {op} implementation for {device.type} tensors")
+    return impl
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
@@ -102,6 +141,11 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 
 def resolve(op: str, backend: str | None, device: torch.device) -> Callable:
     """The implementation of ``op`` for ``backend`` on ``device`` (see module docstring)."""
+    return _resolve(op, backend, device)[1]
+
+
+def _resolve(op: str, backend: str | None, device: torch.device) -> tuple[str, Callable]:
+    """(the backend that runs ``op``, its implementation), warning once for a fallback."""
     if op not in OP_NAMES:
         raise ValueError(f"unknown op {op!r}; ops are {OP_NAMES}")
     name = backend or "auto"
@@ -110,7 +154,9 @@ def resolve(op: str, backend: str | None, device: torch.device) -> Callable:
         if name != "torch":
             reason = _BACKENDS[name].unavailable()
             if reason is not None:
-                _warn_once(("auto", name), f"bmojo: falling back to the torch backend on {device.type} tensors: {reason}")
+                _warn_once(("auto", name), f"bmojo: backend='auto' on {device.type} tensors picks the {name!r} backend, "
+                                           f"which cannot run here ({reason}); {op} and every other op fall back "
+                                           "to the torch backend")
                 name = "torch"
     elif name not in _BACKENDS:
         raise ValueError(f"backend must be one of {sorted(set(BACKEND_NAMES) | set(_BACKENDS))}, got {backend!r}")
@@ -123,11 +169,16 @@ def resolve(op: str, backend: str | None, device: torch.device) -> Callable:
             raise BackendUnavailableError(
                 f"backend={name!r} does not run on {device.type} tensors (it takes {', '.join(be.devices)})"
             )
-    impl = _BACKENDS[name].ops().get(op)
+    entry = _BACKENDS[name].ops().get(op)
+    impl = for_device(entry, device)
     if impl is None:
-        _warn_once((name, op), f"bmojo: backend {name!r} has no {op} kernel; using the torch backend for it")
-        impl = _BACKENDS["torch"].ops()[op]
-    return impl
+        if entry is None:
+            _warn_once((name, op), f"bmojo: backend {name!r} has no {op} kernel; using the torch backend for it")
+        else:
+            _warn_once((name, op, device.type), f"bmojo: backend {name!r} has no {op} kernel for {device.type} "
+                                                "tensors; using the torch backend for it")
+        return "torch", torch_implementation(op, device)
+    return name, impl
 
 
 class OpTable:
@@ -139,30 +190,36 @@ class OpTable:
         for op in OP_NAMES:
             setattr(self, op, resolve(op, backend, device))
         self.bmojo_attention = resolve_resuming(backend, device)
-        decode = self.attention_decode
+        name, decode = _resolve("attention_decode", backend, device)
         if not getattr(decode, "segments", False):
-            _warn_once((backend or "auto", device.type, "segments"),
-                       f"bmojo: the attention_decode kernel on {device.type} does not read a cache held in segments; "
-                       "the decoder's window, fading and memory segments are concatenated at every step")
+            warn_concatenating_segments(name, device)
             self.attention_decode = _concatenating(decode)
+
+
+def warn_concatenating_segments(backend: str, device: torch.device) -> None:
+    """The one-time warning of a decode kernel that cannot read a cache held in segments."""
+    _warn_once(("segments", backend, device.type),
+               f"bmojo: the attention_decode kernel of the {backend!r} backend on {device.type} tensors does not read "
+               "a cache held in segments; the window, fading and memory segments are concatenated at every call")
 
 
 def resolve_resuming(backend: str | None, device: torch.device) -> Callable:
     """``bmojo_attention`` for ``backend`` on ``device``; when that kernel cannot take keys before its
     queries (``q_start``: tokens after a decoding state; it marks itself with ``resumes = True``), those
     calls go to the torch backend, with a one-time warning at the first such call."""
-    fn = resolve("bmojo_attention", backend, device)
+    name, fn = _resolve("bmojo_attention", backend, device)
     if getattr(fn, "resumes", False):
         return fn
-    fallback = _BACKENDS["torch"].ops()["bmojo_attention"]
-    name = getattr(fn, "__module__", "?")
+    fallback = torch_implementation("bmojo_attention", device)
+    module = getattr(fn, "__module__", "?")
 
     def bmojo_attention(q, k, v, *args, q_start=None, **kw):
         if q_start is None:
             return fn(q, k, v, *args, **kw)
-        _warn_once((name, "bmojo_attention", "q_start"),
-                   f"bmojo: the bmojo_attention kernel {name} on {device.type} cannot take keys before its queries "
-                   "(new tokens after a decoding state); those calls use the torch backend")
+        _warn_once((module, "bmojo_attention", "q_start"),
+                   f"bmojo: the bmojo_attention kernel of the {name!r} backend ({module}) on {device.type} tensors "
+                   "cannot take keys before its queries (new tokens after a decoding state); those calls use the "
+                   "torch backend")
         return fallback(q, k, v, *args, q_start=q_start, **kw)
 
     return bmojo_attention
