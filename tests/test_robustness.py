@@ -230,3 +230,59 @@ def test_any_padding_gives_each_row_its_own_logits(pads, right, T):
         for i in range(len(pads)):
             keep = mask[i].bool()
             torch.testing.assert_close(out[i, keep], net(ids[i : i + 1, keep]).logits[0], atol=1e-4, rtol=0)
+
+
+# -- ops ---------------------------------------------------------------------------------------------
+
+def _scan_args(b=2, T=5, d=8, N=4):
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return dict(x=r(b, T, d), dt=r(b, T, d), A=-torch.rand(d, N, generator=g), B=r(b, T, N), C=r(b, T, N))
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(B=torch.randn(2, 5, 2, 4), C=torch.randn(2, 5, 4, 4)), "B and C must have the same shape"),
+    (dict(B=torch.randn(2, 5, 4, 4)), "B and C must have the same shape"),
+    (dict(B=torch.randn(8, 4), C=torch.randn(8, 4)), "time-invariant"),
+])
+def test_scan_refuses_mismatched_or_constant_B_C(change, match):
+    from bmojo import ops
+
+    with pytest.raises(ValueError, match=match):
+        ops.selective_scan(**dict(_scan_args(), **change))
+    args = _scan_args()
+    state = torch.zeros(2, 8, 4)
+    with pytest.raises(ValueError, match="B and C must have the same shape"):
+        ops.selective_state_update(state, args["x"][:, 0], args["dt"][:, 0], args["A"], torch.randn(2, 2, 4),
+                                   torch.randn(2, 4, 4))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(bias=torch.zeros(7)), r"bias must be \(d=8,\)"),
+    (dict(weight=torch.randn(8, 4, 1)), r"weight must be \(d=8, K\)"),
+    (dict(initial_state=torch.zeros(2, 8, 2)), r"initial_state must be \(b, d, K-1\)"),
+    (dict(activation="gelu"), "activation must be"),
+])
+def test_conv_names_bad_arguments(kw, match):
+    from bmojo import ops
+
+    args = dict(x=torch.randn(2, 5, 8), weight=torch.randn(8, 4), bias=None)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        ops.causal_conv1d(**args)
+
+
+def test_decode_and_selection_name_bad_arguments():
+    from bmojo import ops
+
+    q, k = torch.randn(2, 4, 8), torch.randn(2, 6, 2, 8)
+    with pytest.raises(ValueError, match=r"valid must be a bool mask \(b, S\)=\(2, 6\)"):
+        ops.attention_decode(q, k, k, torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="valid must be a bool mask"):
+        ops.attention_decode(q, k, k, torch.ones(2, 6))
+    with pytest.raises(ValueError, match="window must be a positive int"):
+        ops.bmojo_attention(torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8), window=2.0)
+    with pytest.raises(ValueError, match="slots must be a positive int"):
+        ops.innovation_select(torch.randn(1, 9, 4), 4, 2.0, 2)
+    positions, valid = ops.innovation_select(torch.randn(2, 0, 4), 4, 3, 2)  # T = 0: no chunk
+    assert positions.shape == valid.shape == (2, 0, 3)

@@ -60,10 +60,15 @@ def _check_scan_shapes(x, dt, A, B, C, D, z, dt_bias, token_axis: bool):
     _check(A.dim() == 2 and A.shape[0] == d, f"selective_scan: A must be (d={d}, N), got {tuple(A.shape)}")
     N = A.shape[1]
     for name, t in (("B", B), ("C", C)):
+        _check(not (t.dim() == 2 and token_axis and tuple(t.shape) == (d, N)),
+               f"selective_scan: {name} of shape {tuple(t.shape)} is a time-invariant (d, N) matrix (mamba-ssm's "
+               f"non-selective form), which is not supported: pass it per token, {lead[:-2]}N)")
         _check(t.shape[: nd - 1] == x.shape[: nd - 1] and t.shape[-1] == N and t.dim() in (nd, nd + 1),
                f"selective_scan: {name} must be {lead[:-2]}N) or {lead[:-2]}G, N) with N={N}, got {tuple(t.shape)}")
         if t.dim() == nd + 1:
             _check(d % t.shape[-2] == 0, f"selective_scan: groups G={t.shape[-2]} of {name} must divide d={d}")
+    _check(B.shape == C.shape, f"selective_scan: B and C must have the same shape (groups included), "
+                               f"got B {tuple(B.shape)} and C {tuple(C.shape)}")
     for name, t in (("D", D), ("dt_bias", dt_bias)):
         _check(t is None or t.shape == (d,), f"selective_scan: {name} must be (d={d},), got {None if t is None else tuple(t.shape)}")
     _check(z is None or z.shape == x.shape, f"selective_scan: z must match x {tuple(x.shape)}, got {None if z is None else tuple(z.shape)}")
@@ -92,18 +97,29 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     return fn(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
 
 
+def _check_conv(b, d, weight, bias, activation, op: str) -> None:
+    _check(weight.dim() == 2 and weight.shape[0] == d and weight.shape[1] >= 1,
+           f"{op}: weight must be (d={d}, K) with K >= 1, got {tuple(weight.shape)}")
+    _check(bias is None or tuple(bias.shape) == (d,), f"{op}: bias must be (d={d},), got {None if bias is None else tuple(bias.shape)}")
+    _check(activation in (None, "silu", "swish"), f"{op}: activation must be None, 'silu' or 'swish', got {activation!r}")
+
+
 def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, return_final_state=False, backend=None):
     """Depthwise causal conv: x (b, T, d), weight (d, K), bias (d,), initial_state (b, d, K-1).
     Returns y (b, T, d) [and the final state (b, d, K-1)]."""
     _check(x.dim() == 3, f"causal_conv1d: x must be (b, T, d), got {tuple(x.shape)}")
-    _check(weight.dim() == 2 and weight.shape[0] == x.shape[2],
-           f"causal_conv1d: weight must be (d={x.shape[2]}, K), got {tuple(weight.shape)}")
+    _check_conv(x.shape[0], x.shape[2], weight, bias, activation, "causal_conv1d")
+    _check(initial_state is None or tuple(initial_state.shape) == (x.shape[0], x.shape[2], weight.shape[1] - 1),
+           f"causal_conv1d: initial_state must be (b, d, K-1)={(x.shape[0], x.shape[2], weight.shape[1] - 1)}, "
+           f"got {None if initial_state is None else tuple(initial_state.shape)}")
     fn = resolve("causal_conv1d", backend, x.device)
     return fn(x, weight, bias, activation, initial_state, return_final_state)
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, backend=None):
     """One decoding step: x (b, d), conv_state (b, d, K-1) shifted in place. Returns y (b, d)."""
+    _check(x.dim() == 2, f"causal_conv1d_update: x must be (b, d), got {tuple(x.shape)}")
+    _check_conv(x.shape[0], x.shape[1], weight, bias, activation, "causal_conv1d_update")
     _check(conv_state.shape == (x.shape[0], x.shape[1], weight.shape[1] - 1),
            f"causal_conv1d_update: conv_state must be (b, d, K-1)={(x.shape[0], x.shape[1], weight.shape[1] - 1)}, got {tuple(conv_state.shape)}")
     fn = resolve("causal_conv1d_update", backend, x.device)
@@ -175,6 +191,13 @@ def attention_decode(q, k, v, valid=None, scale=None, backend=None):
                and vi.shape == ki.shape and ki.shape[2] == ks[0].shape[2],
                f"attention_decode: q must be (b, Hq, D) and k, v (b, S, Hkv, D), got {tuple(q.shape)}, "
                f"{tuple(ki.shape)} and {tuple(vi.shape)}")
+    _check(q.shape[1] % ks[0].shape[2] == 0,
+           f"attention_decode: query heads {q.shape[1]} must be a multiple of kv heads {ks[0].shape[2]}")
+    if valid is not None:
+        for ki, mi in zip(ks, tuple(valid) if segmented else (valid,)):
+            _check(torch.is_tensor(mi) and mi.dtype == torch.bool and tuple(mi.shape) == tuple(ki.shape[:2]),
+                   f"attention_decode: valid must be a bool mask (b, S)={tuple(ki.shape[:2])} per segment, got "
+                   f"{(mi.dtype, tuple(mi.shape)) if torch.is_tensor(mi) else type(mi).__name__}")
     name, fn = registry._resolve("attention_decode", backend, q.device)
     if segmented and not getattr(fn, "segments", False):
         registry.warn_concatenating_segments(name, q.device)
@@ -186,8 +209,12 @@ def attention_decode(q, k, v, valid=None, scale=None, backend=None):
 def innovation_select(f, window, slots, taps, backend=None):
     """Eidetic memory by innovation: f (b, T, d) -> positions (b, ceil(T/w), slots) int64 and valid (same, bool)."""
     _check(f.dim() == 3, f"innovation_select: f must be (b, T, d), got {tuple(f.shape)}")
-    _check(window > 0 and slots > 0 and taps > 0,
-           f"innovation_select: window, slots and taps must be positive, got {window}, {slots}, {taps}")
+    for name, value in (("window", window), ("slots", slots), ("taps", taps)):
+        _check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+               f"innovation_select: {name} must be a positive int, got {value!r}")
+    if f.shape[1] == 0:  # no token, no chunk
+        empty = torch.zeros(f.shape[0], 0, slots, dtype=torch.long, device=f.device)
+        return empty, empty.bool()
     fn = resolve("innovation_select", backend, f.device)
     return fn(f, window, slots, taps)
 
