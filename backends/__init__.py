@@ -7,7 +7,7 @@
   imported only when a kernel runs).
 
 Every backend has the same layout: ``<name>/<op>/<form>.py`` with the op folders ``selective_scan``,
-``causal_conv1d``, ``attention`` and ``innovation`` (where the backend has that op), and the forms
+``ssd_scan``, ``causal_conv1d``, ``attention`` and ``innovation`` (where the backend has that op), and the forms
 ``chunk`` (chunked parallel over T), ``parallel`` (all T at once), ``fused_recurrent`` (one token) and
 ``decode`` (one query over a cache). Each backend's ``OPS`` maps op names to implementations (or to
 tables by device type); ``bmojo.ops`` holds the contract of every op, its naive oracle

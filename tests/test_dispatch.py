@@ -139,3 +139,94 @@ def test_op_table_warns_once_for_a_decode_kernel_without_segments(monkeypatch):
     assert len([m for m in msgs if "segments" in m and "'noseg'" in m]) == 1
     _, msgs = _record(lambda: registry.OpTable("noseg", torch.device("cpu")))
     assert not [m for m in msgs if "segments" in m]
+
+
+# ----------------------------------------------------------------------------- optional capabilities
+
+def _attention_without_fading_queries(monkeypatch, resumes=True):
+    """A backend whose bmojo_attention takes no q_fading (no ``fading_query``): it records its calls."""
+    calls = []
+
+    def bmojo_attention(q, k, v, window=None, k_fading=None, v_fading=None, fading_window=None, k_memory=None,
+                        v_memory=None, memory_valid=None, scale=None, return_lse=False, q_start=None):
+        calls.append(q_start)
+        return ops.bmojo_attention_ref(q, k, v, window, k_fading, v_fading, fading_window, k_memory, v_memory,
+                                       memory_valid, scale, return_lse, q_start)
+
+    bmojo_attention.resumes = resumes
+    monkeypatch.setitem(registry._BACKENDS, "noqf", registry.Backend(
+        "noqf", "bmojo.backends.torch", lambda: None, ("cpu",), _ops={"bmojo_attention": bmojo_attention}))
+    monkeypatch.setattr(registry, "_warned", set())
+    return calls
+
+
+def test_q_fading_on_a_kernel_without_it_goes_to_torch_with_one_warning(monkeypatch):
+    calls = _attention_without_fading_queries(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    q, qf = torch.randn(1, 11, 2, 4, generator=g), torch.randn(1, 11, 2, 4, generator=g)
+    k, v, kf, vf = (torch.randn(1, 11, 1, 4, generator=g) for _ in range(4))
+    kw = dict(window=4, k_fading=kf, v_fading=vf)
+    want = ops.bmojo_attention_ref(q, k, v, q_fading=qf, **kw)
+    got, msgs = _record(lambda: ops.bmojo_attention(q, k, v, q_fading=qf, backend="noqf", **kw))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not calls  # the torch backend ran it
+    assert len(msgs) == 1 and "bmojo_attention" in msgs[0] and "'noqf'" in msgs[0] and "q_fading" in msgs[0]
+    assert not _record(lambda: ops.bmojo_attention(q, k, v, q_fading=qf, backend="noqf", **kw))[1]
+    # without q_fading (or with q_fading=None, as a layer may pass it) the kernel runs, silently
+    got, msgs = _record(lambda: ops.bmojo_attention(q, k, v, backend="noqf", **kw))
+    assert not msgs and calls == [None]
+    table, msgs = _record(lambda: registry.OpTable("noqf", torch.device("cpu")))
+    torch.testing.assert_close(table.bmojo_attention(q, k, v, q_fading=None, **kw), ops.bmojo_attention_ref(q, k, v, **kw))
+    assert calls == [None, None]
+    # the model's table routes the same way, and q_start still reaches a kernel that resumes
+    torch.testing.assert_close(table.bmojo_attention(q, k, v, q_fading=qf, **kw), want, atol=1e-5, rtol=1e-5)
+    start = torch.tensor([5])
+    table.bmojo_attention(q, k, v, q_start=start, **kw)
+    assert calls == [None, None, start]
+    assert not _record(lambda: table.bmojo_attention(q, k, v, q_fading=qf, **kw))[1]
+
+
+def test_q_fading_and_q_start_on_a_kernel_with_neither(monkeypatch):
+    """Both capabilities missing: each argument announced once, by name; the torch backend computes both."""
+    calls = _attention_without_fading_queries(monkeypatch, resumes=False)
+    g = torch.Generator().manual_seed(1)
+    q, qf = torch.randn(2, 3, 2, 4, generator=g), torch.randn(2, 3, 2, 4, generator=g)
+    k, v = torch.randn(2, 7, 1, 4, generator=g), torch.randn(2, 7, 1, 4, generator=g)
+    kf, vf = torch.randn(2, 10, 1, 4, generator=g), torch.randn(2, 10, 1, 4, generator=g)
+    start = torch.tensor([2, 9])
+    kw = dict(window=4, k_fading=kf, v_fading=vf, fading_window=3, q_start=start)
+    fn = registry.resolve_resuming("noqf", torch.device("cpu"))
+    got, msgs = _record(lambda: fn(q, k, v, q_fading=qf, **kw))
+    torch.testing.assert_close(got, ops.bmojo_attention_ref(q, k, v, q_fading=qf, **kw), atol=1e-5, rtol=1e-5)
+    assert len(msgs) == 1 and "before its queries" in msgs[0]
+    got, msgs = _record(lambda: fn(q[:, :1], k[:, :4], v[:, :4], window=4, k_fading=kf[:, :4], v_fading=vf[:, :4],
+                                   q_start=start, q_fading=None))
+    assert not msgs and not calls
+    q0, k0, v0 = q[:, :3], k[:, :3], v[:, :3]
+    got, msgs = _record(lambda: fn(q0, k0, v0, window=4, k_fading=kf[:, :3], v_fading=vf[:, :3], q_fading=qf))
+    assert len(msgs) == 1 and "q_fading" in msgs[0] and "'noqf'" in msgs[0] and not calls
+
+
+def test_per_segment_queries_on_a_decode_kernel_without_them_go_to_torch(monkeypatch):
+    """attention_decode with one query per segment, on a kernel without ``segment_queries``: the torch
+    backend reads the segments with their queries, announced once (public op and the model's table)."""
+    _no_segments_backend(monkeypatch)
+    q, ks, vs, valids = _segments()
+    qf = torch.randn(q.shape, generator=torch.Generator().manual_seed(9))
+    qs = (q, qf, q)
+    want = ops.attention_decode_ref(qs, ks, vs, valids)
+    got, msgs = _record(lambda: ops.attention_decode(qs, ks, vs, valids, backend="noseg"))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert len(msgs) == 1 and "attention_decode" in msgs[0] and "'noseg'" in msgs[0] and "own query" in msgs[0]
+    assert not _record(lambda: ops.attention_decode(qs, ks, vs, valids, backend="noseg"))[1]
+    monkeypatch.setattr(registry, "_warned", set())
+    table, _ = _record(lambda: registry.OpTable("noseg", torch.device("cpu")))
+    got, msgs = _record(lambda: table.attention_decode(qs, ks, vs, valids))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert len(msgs) == 1 and "own query" in msgs[0]
+    assert not _record(lambda: table.attention_decode(qs, ks, vs, valids))[1]
+    # one query for every segment still reaches the kernel (concatenated)
+    torch.testing.assert_close(table.attention_decode(q, ks, vs, valids),
+                               ops.attention_decode_ref(q, ks, vs, valids), atol=1e-5, rtol=1e-5)
+    # the torch backend takes them itself, silently
+    assert not _record(lambda: ops.attention_decode(qs, ks, vs, valids, backend="torch"))[1]

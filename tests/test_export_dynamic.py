@@ -199,13 +199,19 @@ ATTN_CASES = [
 
 @pytest.mark.parametrize("case", ATTN_CASES)
 @pytest.mark.parametrize("return_lse", [False, True])
-def test_traceable_attention_matches_reference(case, return_lse):
+@pytest.mark.parametrize("q_fading", [False, True])
+def test_traceable_attention_matches_reference(case, return_lse, q_fading):
+    """With and without the fading keys' own queries (q_fading: cases with fading keys)."""
     b, T, Hq, Hkv, D, w, m_f, fading, m_e, invalid, target = case
+    if q_fading and not fading:
+        pytest.skip("q_fading needs fading keys")
     g = torch.Generator().manual_seed(T)
     r = lambda *s: torch.randn(*s, generator=g).requires_grad_()  # noqa: E731
     t = dict(q=r(b, T, Hq, D), k=r(b, T, Hkv, D), v=r(b, T, Hkv, D))
     if fading:
         t.update(k_fading=r(b, T, Hkv, D), v_fading=r(b, T, Hkv, D))
+        if q_fading:
+            t["q_fading"] = r(b, T, Hq, D)
     valid = None
     if m_e:
         n_chunks = -(-T // w)
@@ -215,11 +221,11 @@ def test_traceable_attention_matches_reference(case, return_lse):
             valid[:, 0] = False
     names = list(t)
     kw = dict(window=w, fading_window=m_f, memory_valid=valid, return_lse=return_lse)
-    full = {**dict(k_fading=None, v_fading=None, k_memory=None, v_memory=None), **t}
+    full = {**dict(k_fading=None, v_fading=None, k_memory=None, v_memory=None, q_fading=None), **t}
     Bq = None if w is None else blocksparse._pick_block(w, target)
     got, g_got = _grads(blocksparse._traceable_attention(
         full["q"], full["k"], full["v"], w, full["k_fading"], full["v_fading"], w if m_f is None else m_f,
-        full["k_memory"], full["v_memory"], valid, D ** -0.5, return_lse, Bq), [t[n] for n in names])
+        full["k_memory"], full["v_memory"], valid, D ** -0.5, return_lse, Bq, full["q_fading"]), [t[n] for n in names])
     want, g_want = _grads(ops.bmojo_attention_ref(**t, **kw), [t[n] for n in names])
     _close(got[0], want[0], "o")
     if return_lse:
@@ -322,6 +328,20 @@ def test_attention_exports_alone(window, target, lse):
         return (torch.randn(2, T, 4, 8, generator=g), *(torch.randn(2, T, 2, 8, generator=g) for _ in range(4)))
 
     _export_op(fn, make, (1,) * 5, 3, [2, 8, 9, 21, 37])
+
+
+def test_attention_with_fading_queries_exports_alone():
+    """The fading keys scored with their own queries (q_fading) add no guard on T either."""
+    def fn(q, k, v, kf, vf, qf):
+        return blocksparse.bmojo_attention_blocksparse(q, k, v, 7, kf, vf, 5, return_lse=True, block_size=3,
+                                                       q_fading=qf)
+
+    def make(T):
+        g = torch.Generator().manual_seed(T)
+        return (torch.randn(2, T, 4, 8, generator=g), *(torch.randn(2, T, 2, 8, generator=g) for _ in range(4)),
+                torch.randn(2, T, 4, 8, generator=g))
+
+    _export_op(fn, make, (1,) * 6, 3, [2, 8, 9, 21, 37])
 
 
 def test_attention_with_memory_exports_alone():

@@ -8,7 +8,8 @@ Without a GPU the kernels run on CPU tensors through Triton's interpreter (``TRI
 before triton is first imported); that is how the tests in tests/backends/cuda run.
 
 Layout, one folder per op, one file per form: ``selective_scan/{chunk (scan fwd/bwd), fused_recurrent
-(decoding step)}``, ``causal_conv1d/{parallel (prefill fwd/bwd), fused_recurrent (decoding step)}``,
+(decoding step)}``, ``ssd_scan/{chunk (Mamba-2 chunked scan fwd/bwd), fused_recurrent (decoding step)}``,
+``causal_conv1d/{parallel (prefill fwd/bwd), fused_recurrent (decoding step)}``,
 ``attention/{parallel (B'MOJO attention fwd/bwd), decode (one query over a cache)}``; ``utils.py``.
 """
 try:
@@ -23,6 +24,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 from .attention import attention_decode, bmojo_attention
 from .causal_conv1d import causal_conv1d, causal_conv1d_update
 from .selective_scan import selective_scan, selective_state_update
+from .ssd_scan import ssd_scan, ssd_state_update
 
 OPS = {
     "selective_scan": selective_scan,
@@ -31,6 +33,8 @@ OPS = {
     "causal_conv1d_update": causal_conv1d_update,
     "bmojo_attention": bmojo_attention,
     "attention_decode": attention_decode,
+    "ssd_scan": ssd_scan,
+    "ssd_state_update": ssd_state_update,
 }
 
 __all__ = ["OPS", *OPS]

@@ -8,6 +8,11 @@ What is here (one folder per op, one file per form, as in every backend)
   time-reversed copies the backward reads, summing per-tile partial gradients), ``custom_ops.py`` (the
   ``torch.library`` ops ``bmojo_neuron::selective_scan``, ``::selective_scan_backward``,
   ``::selective_state_update``).
+* ``ssd_scan/``: ``chunk.py`` (NKI forward of the Mamba-2 scan: chunks of 128 tokens on the partitions, the
+  (L, L) decay kernels and every state product on the Tensor Engine), ``layout.py``, ``custom_ops.py``
+  (``bmojo_neuron::ssd_scan``, ``::ssd_scan_backward``; the backward has no NKI kernel yet: it runs the torch
+  backend's implementation through ``torch.func``, announced once; ``ssd_state_update`` runs the torch backend's
+  step, announced once by the registry).
 * ``attention/``: ``parallel.py`` (NKI B'MOJO attention forward and backward: flash-style online
   softmax over the window, the fading window and the memory slots, masks generated on chip),
   ``layout.py``, ``custom_ops.py`` (``bmojo_neuron::bmojo_attention``, ``::bmojo_attention_backward``).
@@ -46,11 +51,13 @@ channel tiles and time chunks), so compile time grows with those sizes.
 """
 from .attention.custom_ops import bmojo_attention  # registers the torch.library ops
 from .selective_scan.custom_ops import selective_scan, selective_state_update
+from .ssd_scan.custom_ops import ssd_scan
 
 OPS = {
     "selective_scan": selective_scan,
     "selective_state_update": selective_state_update,
     "bmojo_attention": bmojo_attention,
+    "ssd_scan": ssd_scan,
 }
 
 __all__ = ["OPS"]

@@ -6,6 +6,7 @@ One folder per op, one file per form (chunk: chunked over T; parallel: all T at 
 one token; decode: one query over a cache):
 
 * ``selective_scan/``: ``chunk`` (scan forward and hand-written backward), ``fused_recurrent`` (step);
+* ``ssd_scan/``: ``chunk`` (Mamba-2 scan in the chunked matrix form, autograd), ``fused_recurrent`` (step);
 * ``causal_conv1d/``: ``parallel`` (K shifted multiply-adds), ``fused_recurrent`` (step);
 * ``attention/``: ``parallel`` (block-sparse B'MOJO attention), ``decode`` (one query over a cache);
 * ``innovation/``: ``parallel`` (scores), ``chunk`` (selection, merged chunk by chunk),
@@ -19,6 +20,7 @@ from .attention import attention_decode_torch, bmojo_attention_blocksparse, bmoj
 from .causal_conv1d import causal_conv1d_torch, causal_conv1d_update_torch
 from .innovation import innovation_scores_inplace, innovation_select_chunked, merge_memory
 from .selective_scan import selective_scan_chunked, selective_scan_chunked_exp, selective_state_update_step
+from .ssd_scan import ssd_scan_chunked, ssd_state_update_step
 
 OPS = {
     # exp2 decays on CPU (about twice as fast as exp there); exp elsewhere (torch-xla does not lower exp2:
@@ -35,6 +37,8 @@ OPS = {
     "innovation_select": innovation_select_chunked,
     "innovation_scores": innovation_scores_inplace,
     "merge_memory": merge_memory,
+    "ssd_scan": ssd_scan_chunked,
+    "ssd_state_update": ssd_state_update_step,
 }
 
 __all__ = ["OPS"]

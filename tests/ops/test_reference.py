@@ -19,7 +19,8 @@ ORACLE_IMPORTS = {"__future__", "math", "torch", "torch.nn.functional"}
 
 def test_ops_holds_only_the_api_the_registry_and_the_oracles():
     files = sorted(str(p.relative_to(OPS_DIR)) for p in OPS_DIR.rglob("*.py"))
-    oracles = sorted(f"reference/{op}.py" for op in ("attention", "causal_conv1d", "innovation", "selective_scan"))
+    oracles = sorted(f"reference/{op}.py" for op in ("attention", "causal_conv1d", "innovation", "selective_scan",
+                                                      "ssd_scan"))
     assert files == sorted(["__init__.py", "registry.py", "reference/__init__.py", *oracles])
 
 
@@ -51,11 +52,13 @@ def test_no_backend_imports_an_oracle():
 def test_ops_reexports_the_oracles():
     for name in ("selective_scan_ref", "selective_state_update_ref", "causal_conv1d_ref", "causal_conv1d_update_ref",
                  "bmojo_attention_ref", "bmojo_attention_weights_ref", "attention_decode_ref",
-                 "attention_decode_weights_ref", "innovation_select_ref", "innovation_scores_ref", "bmojo_visibility_masks"):
+                 "attention_decode_weights_ref", "innovation_select_ref", "innovation_scores_ref", "bmojo_visibility_masks",
+                 "ssd_scan_ref", "ssd_state_update_ref"):
         assert getattr(ops, name) is getattr(reference, name), name
         assert name in ops.__all__, name
     # the API's functions are functions, not shadowed by subpackages of the same name
-    for name in ("selective_scan", "causal_conv1d", "bmojo_attention", "attention_decode", "innovation_select"):
+    for name in ("selective_scan", "causal_conv1d", "bmojo_attention", "attention_decode", "innovation_select",
+                 "ssd_scan", "ssd_state_update"):
         assert callable(getattr(ops, name)) and getattr(ops, name).__module__ == "bmojo.ops", name
 
 

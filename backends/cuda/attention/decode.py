@@ -48,7 +48,8 @@ def _attn_decode_kernel(
 
 
 def attention_decode(q, k, v, valid=None, scale=None):
-    """Same contract as :func:`bmojo.ops.attention_decode` (one cache, not segments). A decoding step
+    """Same contract as :func:`bmojo.ops.attention_decode` (one cache, not segments, one query: calls with a
+    query per segment go to the torch backend, ``segment_queries`` being unset). A decoding step
     without a backward: when autograd needs gradients of q, k or v it runs the torch backend's decode
     step instead, with a one-time warning."""
     if needs_grad(q, k, v):

@@ -7,7 +7,11 @@ Query t sees (docs/design.md, "The layer", step 5)
   - memory keys km[c, j] of its chunk c = t // w whose slot j is valid.
 
 Both key bands are "s + HI <= t < s + LO" with (HI, LO) = (0, w) and (w, w + m_f), so one band routine
-serves both. Each program owns a block of queries of one head and walks only the key blocks that some
+serves both. The fading band may be scored with its own queries (``q_fading``, like q; ``SEP_QF``): the
+forward and dq kernels then read q_fading's rows for that band (and write its gradient, dq_fading), and
+the fading keys' dk/dv kernel reads q_fading where it reads q.
+
+Each program owns a block of queries of one head and walks only the key blocks that some
 query of the block can see (loop bounds from the block's first and last position), then the memory
 slots of the chunks its queries belong to. The log-sum-exp (natural log, fp32) is kept for the backward.
 
@@ -96,14 +100,14 @@ def _fwd_memory(acc, m_i, l_i, q, km_base, vm_base, MV, mv_off, skm_c, skm_e, sv
 
 @triton.jit
 def _bmojo_attn_fwd_kernel(
-    Q, K, V, KF, VF, KM, VM, MV, O, LSE,
-    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
+    Q, K, V, KF, VF, KM, VM, MV, O, LSE, QF,
+    sq_b, sq_t, sq_h, sqf_b, sqf_t, sqf_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
     skf_b, skf_t, skf_h, svf_b, svf_t, svf_h,
     skm_b, skm_c, skm_e, skm_h, svm_b, svm_c, svm_e, svm_h, smv_b, smv_c,
     so_b, so_t, so_h,
     T, Hq, n_rep, D, window, ctx_lo, fad_lo, m_e, qk_scale,
-    HAS_FADING: tl.constexpr, HAS_MEM: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_FADING: tl.constexpr, HAS_MEM: tl.constexpr, HAS_VALID: tl.constexpr, SEP_QF: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -127,10 +131,15 @@ def _bmojo_attn_fwd_kernel(
     acc, m_i, l_i = _fwd_band(acc, m_i, l_i, q, K + b * sk_b + hk * sk_h, V + b * sv_b + hk * sv_h, sk_t, sv_t,
                               offs_m, offs_d, mask_d, lo, hi, ctx_lo, 0, qk_scale, PREC, BLOCK_N)
     if HAS_FADING:
-        # fading band: s + w <= t < s + w + m_f
+        # fading band: s + w <= t < s + w + m_f, scored with the fading queries when given
+        if SEP_QF:
+            qf = tl.load(QF + b * sqf_b + h * sqf_h + offs_m[:, None] * sqf_t + offs_d[None, :],
+                         mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        else:
+            qf = q
         lo = tl.maximum(m_first - fad_lo + 1, 0)
         hi = tl.maximum(m_last - window + 1, 0)
-        acc, m_i, l_i = _fwd_band(acc, m_i, l_i, q, KF + b * skf_b + hk * skf_h, VF + b * svf_b + hk * svf_h,
+        acc, m_i, l_i = _fwd_band(acc, m_i, l_i, qf, KF + b * skf_b + hk * skf_h, VF + b * svf_b + hk * svf_h,
                                   skf_t, svf_t, offs_m, offs_d, mask_d, lo, hi, fad_lo, window, qk_scale, PREC, BLOCK_N)
     if HAS_MEM:
         acc, m_i, l_i = _fwd_memory(acc, m_i, l_i, q, KM + b * skm_b + hk * skm_h, VM + b * svm_b + hk * svm_h,
@@ -172,14 +181,14 @@ def _dq_band(dq, q, do, lse2, delta, k_base, v_base, sk_t, sv_t, offs_m, offs_d,
 
 @triton.jit
 def _bmojo_attn_bwd_dq_kernel(
-    Q, K, V, KF, VF, KM, VM, MV, DO, LSE, DELTA, DQ,
-    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
+    Q, K, V, KF, VF, KM, VM, MV, DO, LSE, DELTA, DQ, QF, DQF,
+    sq_b, sq_t, sq_h, sqf_b, sqf_t, sqf_h, sdqf_b, sdqf_t, sdqf_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
     skf_b, skf_t, skf_h, svf_b, svf_t, svf_h,
     skm_b, skm_c, skm_e, skm_h, svm_b, svm_c, svm_e, svm_h, smv_b, smv_c,
     sdo_b, sdo_t, sdo_h, sdq_b, sdq_t, sdq_h,
     T, Hq, n_rep, D, window, ctx_lo, fad_lo, m_e, qk_scale, scale,
-    HAS_FADING: tl.constexpr, HAS_MEM: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_FADING: tl.constexpr, HAS_MEM: tl.constexpr, HAS_VALID: tl.constexpr, SEP_QF: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -205,8 +214,17 @@ def _bmojo_attn_bwd_dq_kernel(
     if HAS_FADING:
         lo = tl.maximum(m_first - fad_lo + 1, 0)
         hi = tl.maximum(m_last - window + 1, 0)
-        dq = _dq_band(dq, q, do, lse2, delta, KF + b * skf_b + hk * skf_h, VF + b * svf_b + hk * svf_h,
-                      skf_t, svf_t, offs_m, offs_d, mask_d, lo, hi, fad_lo, window, qk_scale, PREC, BLOCK_N)
+        if SEP_QF:  # the fading band's scores came from q_fading: its gradient goes to dq_fading
+            qf = tl.load(QF + b * sqf_b + h * sqf_h + offs_m[:, None] * sqf_t + offs_d[None, :],
+                         mask=mask_md, other=0.0)
+            dqf = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            dqf = _dq_band(dqf, qf, do, lse2, delta, KF + b * skf_b + hk * skf_h, VF + b * svf_b + hk * svf_h,
+                           skf_t, svf_t, offs_m, offs_d, mask_d, lo, hi, fad_lo, window, qk_scale, PREC, BLOCK_N)
+            tl.store(DQF + b * sdqf_b + h * sdqf_h + offs_m[:, None] * sdqf_t + offs_d[None, :],
+                     (dqf * scale).to(DQF.dtype.element_ty), mask=mask_md)
+        else:
+            dq = _dq_band(dq, q, do, lse2, delta, KF + b * skf_b + hk * skf_h, VF + b * svf_b + hk * svf_h,
+                          skf_t, svf_t, offs_m, offs_d, mask_d, lo, hi, fad_lo, window, qk_scale, PREC, BLOCK_N)
     if HAS_MEM:
         km_base = KM + b * skm_b + hk * skm_h
         vm_base = VM + b * svm_b + hk * svm_h
@@ -384,7 +402,8 @@ def _kv_strides(t):
 
 class BMojoAttentionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, k_fading, v_fading, k_memory, v_memory, memory_valid, window, fading_window, scale):
+    def forward(ctx, q, k, v, k_fading, v_fading, k_memory, v_memory, memory_valid, window, fading_window, scale,
+                q_fading=None):
         b, T, Hq, D = q.shape
         Hkv = k.shape[2]
         n_rep = Hq // Hkv
@@ -393,7 +412,10 @@ class BMojoAttentionFn(torch.autograd.Function):
         has_fading = k_fading is not None and window is not None and fading_window > 0
         has_mem = k_memory is not None and window is not None and k_memory.shape[2] > 0
         ctx.unused = [t if t is not None and not used else None
-                      for t, used in ((k_fading, has_fading), (v_fading, has_fading), (k_memory, has_mem), (v_memory, has_mem))]
+                      for t, used in ((k_fading, has_fading), (v_fading, has_fading), (k_memory, has_mem),
+                                      (v_memory, has_mem), (q_fading, has_fading))]
+        # the fading band's own queries (SEP_QF), or q's
+        qf = _last_contig(q_fading) if has_fading and q_fading is not None else None
         kf = _last_contig(k_fading) if has_fading else None
         vf = _last_contig(v_fading) if has_fading else None
         km = _last_contig(k_memory) if has_mem else None
@@ -412,21 +434,21 @@ class BMojoAttentionFn(torch.autograd.Function):
         lse = torch.empty(b, T, Hq, dtype=torch.float32, device=q.device)
         grid = (triton.cdiv(T, BM), b * Hq)
         _bmojo_attn_fwd_kernel[grid](
-            q, k, v, kf, vf, km, vm, mv, o, lse,
-            q.stride(0), q.stride(1), q.stride(2), *_kv_strides(k), *_kv_strides(v),
+            q, k, v, kf, vf, km, vm, mv, o, lse, qf,
+            q.stride(0), q.stride(1), q.stride(2), *_kv_strides(qf), *_kv_strides(k), *_kv_strides(v),
             *_kv_strides(kf), *_kv_strides(vf), *_mem_strides(km, vm, mv),
             o.stride(0), o.stride(1), o.stride(2),
             T, Hq, n_rep, D, win, ctx_lo, fad_lo, m_e, scale * LOG2E,
-            HAS_FADING=has_fading, HAS_MEM=has_mem, HAS_VALID=mv is not None, PREC=prec,
+            HAS_FADING=has_fading, HAS_MEM=has_mem, HAS_VALID=mv is not None, SEP_QF=qf is not None, PREC=prec,
             BLOCK_M=BM, BLOCK_N=BN, BLOCK_E=BE, BLOCK_D=BD, num_warps=warps, num_stages=2,
         )
-        ctx.save_for_backward(q, k, v, kf, vf, km, vm, mv, o, lse)
+        ctx.save_for_backward(q, k, v, kf, vf, km, vm, mv, o, lse, qf)
         ctx.cfg = (window, win, ctx_lo, fad_lo, has_fading, has_mem, scale, m_e)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, kf, vf, km, vm, mv, o, lse = ctx.saved_tensors
+        q, k, v, kf, vf, km, vm, mv, o, lse, qf = ctx.saved_tensors
         window, win, ctx_lo, fad_lo, has_fading, has_mem, scale, m_e = ctx.cfg
         b, T, Hq, D = q.shape
         Hkv = k.shape[2]
@@ -443,26 +465,29 @@ class BMojoAttentionFn(torch.autograd.Function):
         prec = _dot_precision(q.dtype)
         qk_scale = scale * LOG2E
         need = ctx.needs_input_grad
-        dq = dk = dv = dkf = dvf = dkm = dvm = None
-        if need[0]:
-            # dq: large query blocks, small key blocks (the transpose of the dk/dv tiling)
+        dq = dk = dv = dkf = dvf = dkm = dvm = dqf = None
+        sep_qf = qf is not None
+        if need[0] or (sep_qf and need[11]):
+            # dq (and dq_fading): large query blocks, small key blocks (the transpose of the dk/dv tiling)
             dq = torch.empty_like(q)
+            dqf = torch.empty_like(qf) if sep_qf else None
             _bmojo_attn_bwd_dq_kernel[(triton.cdiv(T, BN), b * Hq)](
-                q, k, v, kf, vf, km, vm, mv, do, lse, delta, dq,
-                q.stride(0), q.stride(1), q.stride(2), *_kv_strides(k), *_kv_strides(v),
-                *_kv_strides(kf), *_kv_strides(vf), *_mem_strides(km, vm, mv),
+                q, k, v, kf, vf, km, vm, mv, do, lse, delta, dq, qf, dqf,
+                q.stride(0), q.stride(1), q.stride(2), *_kv_strides(qf), *_kv_strides(dqf),
+                *_kv_strides(k), *_kv_strides(v), *_kv_strides(kf), *_kv_strides(vf), *_mem_strides(km, vm, mv),
                 do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
                 T, Hq, n_rep, D, win, ctx_lo, fad_lo, m_e, qk_scale, scale,
-                HAS_FADING=has_fading, HAS_MEM=has_mem, HAS_VALID=mv is not None, PREC=prec,
+                HAS_FADING=has_fading, HAS_MEM=has_mem, HAS_VALID=mv is not None, SEP_QF=sep_qf, PREC=prec,
                 BLOCK_M=BN, BLOCK_N=BM, BLOCK_E=BE, BLOCK_D=BD, num_warps=warps, num_stages=2,
             )
+            dq = dq if need[0] else None
 
-        def band(kk, vv, LO, HI):
+        def band(qq, kk, vv, LO, HI):
             dk = torch.empty(kk.shape, dtype=kk.dtype, device=kk.device)
             dv = torch.empty(vv.shape, dtype=vv.dtype, device=vv.device)
             _bmojo_attn_bwd_dkdv_band_kernel[(triton.cdiv(T, BN), b * Hkv)](
-                q, kk, vv, do, lse, delta, dk, dv,
-                q.stride(0), q.stride(1), q.stride(2), *_kv_strides(kk), *_kv_strides(vv),
+                qq, kk, vv, do, lse, delta, dk, dv,
+                qq.stride(0), qq.stride(1), qq.stride(2), *_kv_strides(kk), *_kv_strides(vv),
                 do.stride(0), do.stride(1), do.stride(2),
                 T, Hq, Hkv, n_rep, D, LO, HI, qk_scale, scale,
                 PREC=prec, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_warps=warps, num_stages=2,
@@ -470,9 +495,9 @@ class BMojoAttentionFn(torch.autograd.Function):
             return dk, dv
 
         if need[1] or need[2]:
-            dk, dv = band(k, v, ctx_lo, 0)
+            dk, dv = band(q, k, v, ctx_lo, 0)
         if has_fading and (need[3] or need[4]):
-            dkf, dvf = band(kf, vf, fad_lo, window)
+            dkf, dvf = band(qf if sep_qf else q, kf, vf, fad_lo, window)
         if has_mem and (need[5] or need[6]):
             n_chunks = km.shape[1]
             dkm = torch.empty(km.shape, dtype=km.dtype, device=km.device)
@@ -483,15 +508,16 @@ class BMojoAttentionFn(torch.autograd.Function):
                 T, Hq, Hkv, n_rep, D, win, n_chunks, m_e, qk_scale, scale,
                 HAS_VALID=mv is not None, PREC=prec, BLOCK_M=BM, BLOCK_E=BE, BLOCK_D=BD, num_warps=warps, num_stages=2,
             )
-        extra = [g if g is not None else (torch.zeros_like(u) if u is not None and need[3 + i] else None)
-                 for i, (g, u) in enumerate(zip((dkf, dvf, dkm, dvm), ctx.unused))]
-        return (dq, dk, dv, *extra, None, None, None, None)
+        extra = [g if g is not None else (torch.zeros_like(u) if u is not None and need[i] else None)
+                 for i, g, u in zip((3, 4, 5, 6, 11), (dkf, dvf, dkm, dvm, dqf), ctx.unused)]
+        return (dq, dk, dv, *extra[:4], None, None, None, None, extra[4])
 
 
 def bmojo_attention(q, k, v, window=None, k_fading=None, v_fading=None, fading_window=None, k_memory=None,
-                    v_memory=None, memory_valid=None, scale=None, return_lse=False):
+                    v_memory=None, memory_valid=None, scale=None, return_lse=False, q_fading=None):
     """Same contract as :func:`bmojo.ops.bmojo_attention` without ``q_start`` (o in q's dtype, lse (b, T, Hq)
-    fp32): calls with keys before the queries go to the torch backend (``registry.resolve_resuming``)."""
+    fp32), with ``q_fading``: calls with keys before the queries go to the torch backend
+    (``registry.resolve_resuming``)."""
     b, T, Hq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     m_f = None
@@ -501,11 +527,17 @@ def bmojo_attention(q, k, v, window=None, k_fading=None, v_fading=None, fading_w
         o = q.new_empty(b, 0, Hq, D)
         return (o, q.new_empty(b, 0, Hq, dtype=torch.float32)) if return_lse else o
     use_fading = m_f is not None
+    if q_fading is not None and not use_fading:
+        raise ValueError("bmojo_attention: q_fading scores the fading keys; it needs k_fading and a window "
+                         "(full causal attention has no fading keys)")
     use_mem = k_memory is not None and window is not None
     o, lse = BMojoAttentionFn.apply(
         q, k, v,
         k_fading if use_fading else None, v_fading if use_fading else None,
         k_memory if use_mem else None, v_memory if use_mem else None, memory_valid if use_mem else None,
-        window, m_f if use_fading else 0, scale,
+        window, m_f if use_fading else 0, scale, q_fading,
     )
     return (o, lse) if return_lse else o
+
+
+bmojo_attention.fading_query = True  # takes q_fading (bmojo.ops.registry.ATTENTION_CAPABILITIES); not q_start

@@ -1,7 +1,9 @@
 """B'MOJO attention of the neuron backend as ``torch.library`` custom ops (``bmojo_neuron::bmojo_attention``,
 ``::bmojo_attention_backward``): on XLA tensors the NKI kernels (``parallel``, through ``layout``), elsewhere
 the torch backend (see ``..library``). Plus the op-table function with the op API's signature
-(``bmojo_attention``, without ``q_start``: those calls go to the torch backend through the registry).
+(``bmojo_attention``, without ``q_start`` or ``q_fading``: the kernels do not take keys before the queries
+nor score the fading keys with their own queries, so the registry sends such calls to the torch backend,
+with a one-time warning; ``registry.ATTENTION_CAPABILITIES``).
 """
 from __future__ import annotations
 

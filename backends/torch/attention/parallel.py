@@ -25,7 +25,8 @@ fills on the few blocks at a segment's start whose band reaches before position 
 first fading key), the memory validity bias, one fp32 softmax over the union exactly like the
 reference, and ``o = P_window V_window + P_fading V_fading + P_memory V_memory`` with ``bmm`` /
 ``baddbmm`` on views. When they hold enough work, the blocks at a segment's start that see no fading
-key at all form groups without the fading band.
+key at all form groups without the fading band. With ``q_fading`` (the fading keys' own queries) the
+fading band's scores come from its query blocks instead of q's; nothing else changes (every path).
 
 Inference (no input requires grad) reuses one score buffer, writes ``bmm`` results straight into it,
 masks in place, and runs the softmax as in-place ``amax`` / ``exp2`` (scores in log2 units) with the
@@ -125,8 +126,9 @@ def _segment_layout(x: torch.Tensor, shift: int, front_rows: int, Tp: int) -> to
 
 
 def _banded(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_valid, scale, return_lse, Bq,
-            budget):
-    """The kernel described in the module docstring (window is not None, T > 0)."""
+            budget, q_fading=None):
+    """The kernel described in the module docstring (window is not None, T > 0); ``q_fading`` (like q)
+    scores the fading band instead of q."""
     b, T, Hq, D = q.shape
     Hkv = k.shape[2]
     R = Hq // Hkv
@@ -138,7 +140,7 @@ def _banded(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_vali
     segs = b * Hkv
     Ntot = segs * n_blk
     grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, k_fading, v_fading, k_memory, v_memory))
+        t is not None and t.requires_grad for t in (q, k, v, k_fading, v_fading, k_memory, v_memory, q_fading))
 
     nb = min(-(-(w - 1) // Bq), n_blk - 1)  # key blocks of the window band before the query's own
     Sw = (nb + 1) * Bq
@@ -152,14 +154,18 @@ def _banded(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_vali
     P = max(nb, nbf)  # zero blocks in front of the first segment
 
     # queries (Ntot, R*Bq, D), pre-scaled: segment (batch row, kv head), block, query head of the group, row
-    qf = q.float()
-    if Tp != T:
-        qf = F.pad(qf, (0, 0, 0, 0, 0, Tp - T))
-    qb = qf.view(b, n_blk, Bq, Hkv, R, D).permute(0, 3, 1, 4, 2, 5)
-    if grad:
-        qb = (qb * scale).reshape(Ntot, RB, D)
-    else:  # scores in log2 units for exp2
-        qb = torch.mul(qb, scale * _LOG2E, out=torch.empty(b, Hkv, n_blk, R, Bq, D, device=device)).view(Ntot, RB, D)
+    def query_blocks(x):
+        xf = x.float()
+        if Tp != T:
+            xf = F.pad(xf, (0, 0, 0, 0, 0, Tp - T))
+        xb = xf.view(b, n_blk, Bq, Hkv, R, D).permute(0, 3, 1, 4, 2, 5)
+        if grad:
+            return (xb * scale).reshape(Ntot, RB, D)
+        # scores in log2 units for exp2
+        return torch.mul(xb, scale * _LOG2E, out=torch.empty(b, Hkv, n_blk, R, Bq, D, device=device)).view(Ntot, RB, D)
+
+    qb = query_blocks(q)
+    qbf = query_blocks(q_fading) if fading and q_fading is not None else qb  # the fading band's queries
 
     Kw = _segment_layout(k, 0, P * Bq, Tp)
     Vw = _segment_layout(v, 0, P * Bq, Tp)
@@ -253,12 +259,12 @@ def _banded(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_vali
     outs, lses = [], []
     for g0, g1, has_f, S in groups:
         G = g1 - g0
-        Qg = qb[g0:g1]
+        Qg, Qfg = qb[g0:g1], qbf[g0:g1]
         mo = Sw + (Sf if has_f else 0)
         if grad:
             parts = [torch.bmm(Qg, band(Kw, nb, g0, g1))]
             if has_f:
-                parts.append(torch.bmm(Qg, band(Kf, nbf, g0, g1)))
+                parts.append(torch.bmm(Qfg, band(Kf, nbf, g0, g1)))
             if Sm:
                 parts.append(torch.bmm(Qg, Km[g0:g1].transpose(1, 2)))
             sc = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
@@ -266,7 +272,7 @@ def _banded(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_vali
             sc = sbuf[: G * RB * S].view(G, RB, S)
             torch.bmm(Qg, band(Kw, nb, g0, g1), out=sc[:, :, :Sw])
             if has_f:
-                torch.bmm(Qg, band(Kf, nbf, g0, g1), out=sc[:, :, Sw:mo])
+                torch.bmm(Qfg, band(Kf, nbf, g0, g1), out=sc[:, :, Sw:mo])
             if Sm:
                 torch.bmm(Qg, Km[g0:g1].transpose(1, 2), out=sc[:, :, mo:])
         # visibility: band edges (same for every block), segment starts, memory validity. Inference
@@ -359,10 +365,11 @@ def _band(kv: tuple[torch.Tensor, torch.Tensor], span: int, shift: int, n_blk: i
     return out[0], out[1], mask
 
 
-def _gathered(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_valid, scale, return_lse, Bq):
+def _gathered(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_valid, scale, return_lse, Bq,
+              q_fading=None):
     """The gathering kernel: every query block copies the key blocks it sees (``(nb+1)`` copies of k
     and v). For devices without cheap overlapping views (XLA / Neuron run ``unfold`` on the host): the
-    kernel of :func:`bmojo_attention_gathered`."""
+    kernel of :func:`bmojo_attention_gathered`. ``q_fading`` (like q) scores the fading band."""
     b, T, Hq, D = q.shape
     Hkv = k.shape[2]
     R = Hq // Hkv
@@ -371,19 +378,22 @@ def _gathered(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_va
     device = q.device
 
     # queries (b, Hkv, n_blk, R*Bq, D): the R query heads of a kv head are stacked as rows
-    qf = F.pad(q.float(), (0, 0, 0, 0, 0, Tp - T))
-    qb = qf.view(b, n_blk, Bq, Hkv, R, D).permute(0, 3, 1, 4, 2, 5).reshape(b, Hkv, n_blk, R * Bq, D)
+    def query_blocks(x):
+        xf = F.pad(x.float(), (0, 0, 0, 0, 0, Tp - T))
+        return xf.view(b, n_blk, Bq, Hkv, R, D).permute(0, 3, 1, 4, 2, 5).reshape(b, Hkv, n_blk, R * Bq, D)
 
-    keys, values, masks = [], [], []
-    bands = [((k, v), w, 0)]
+    qb = query_blocks(q)
+    keys, values, masks, queries = [], [], [], []  # queries: which query scores each key set
+    bands = [((k, v), w, 0, qb)]
     if k_fading is not None and m_f > 0:
-        bands.append(((k_fading, v_fading), m_f, w))
-    for (kk, vv), span, shift in bands:
+        bands.append(((k_fading, v_fading), m_f, w, qb if q_fading is None else query_blocks(q_fading)))
+    for (kk, vv), span, shift, qq in bands:
         got = _band((kk.float().transpose(1, 2), vv.float().transpose(1, 2)), span, shift, n_blk, Bq)
         if got is not None:
             keys.append(got[0])
             values.append(got[1])
             masks.append(got[2][None].expand(b, -1, -1, -1))
+            queries.append(qq)
 
     if k_memory is not None:
         n_chunks, m_e = k_memory.shape[1], k_memory.shape[2]
@@ -401,13 +411,12 @@ def _gathered(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_va
         valid = (torch.ones(b, n_chunks, m_e, dtype=torch.bool, device=device) if memory_valid is None
                  else memory_valid.bool())[:, cid_c] & (cid < n_chunks)[None, :, :, None]  # (b, n_blk, n_span, m_e)
         masks.append((same[None, :, :, :, None] & valid[:, :, None]).reshape(b, n_blk, Bq, n_span * m_e))
+        queries.append(qb)
 
-    K = torch.cat(keys, 3) if len(keys) > 1 else keys[0]  # (b, Hkv, n_blk, S, D)
-    V = torch.cat(values, 3) if len(values) > 1 else values[0]
+    V = torch.cat(values, 3) if len(values) > 1 else values[0]  # (b, Hkv, n_blk, S, D)
     mask = torch.cat(masks, -1) if len(masks) > 1 else masks[0]  # (b, n_blk, Bq, S)
-    S = K.shape[3]
-
-    scores = torch.matmul(qb, K.transpose(-1, -2)).mul_(scale).view(b, Hkv, n_blk, R, Bq, S)
+    S = V.shape[3]
+    scores = _scores_by_query(queries, keys).mul_(scale).view(b, Hkv, n_blk, R, Bq, S)
     scores = scores.masked_fill(~mask[:, None, :, None], float("-inf"))
     if return_lse:
         lse = torch.logsumexp(scores, dim=-1)  # (b, Hkv, n_blk, R, Bq)
@@ -421,6 +430,20 @@ def _gathered(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_va
         return o
     lse = lse.permute(0, 2, 4, 1, 3).reshape(b, Tp, Hq)[:, :T].contiguous()
     return o, lse
+
+
+def _scores_by_query(queries: list, keys: list) -> torch.Tensor:
+    """Unscaled scores (..., R*Bq, S) of key sets (..., S_i, D), each scored by its query blocks
+    (..., R*Bq, D): one matmul over the concatenated keys of each run of key sets sharing a query (all of
+    them unless the fading keys have their own queries)."""
+    runs = []  # [query, [key sets]]
+    for qq, kk in zip(queries, keys):
+        if runs and runs[-1][0] is qq:
+            runs[-1][1].append(kk)
+        else:
+            runs.append([qq, [kk]])
+    parts = [torch.matmul(qq, (torch.cat(ks, -2) if len(ks) > 1 else ks[0]).transpose(-1, -2)) for qq, ks in runs]
+    return torch.cat(parts, -1) if len(parts) > 1 else parts[0]
 
 
 def _static_band(x: torch.Tensor, span: int, shift: int, n_blk, Bq: int):
@@ -447,7 +470,7 @@ def _static_band(x: torch.Tensor, span: int, shift: int, n_blk, Bq: int):
 
 
 def _traceable_attention(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_valid, scale, return_lse,
-                         Bq):
+                         Bq, q_fading=None):
     """The op with no Python control flow on T (the path for a symbolic T; also correct eagerly).
 
     ``window=None``: SDPA, or exact (T, T) scores when the log-sum-exp is wanted. Else the gathering
@@ -455,7 +478,8 @@ def _traceable_attention(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory
     slots of the 1 (``Bq | w``) or 2 chunks a block spans, one masked fp32 softmax over the union. T is
     padded to ``ceil(T/Bq) + 1`` blocks (one more than needed, so that no symbolic size is ever 1: under
     ``torch.export`` that would add a guard on T) and the memory with 2 invalid chunks (the padded blocks'
-    chunks), so no index is clamped. Memory O(T (w + m_f + m_e)); differentiable by autograd."""
+    chunks), so no index is clamped. Memory O(T (w + m_f + m_e)); differentiable by autograd. ``q_fading``
+    (like q) scores the fading band."""
     b, T, Hq, D = q.shape
     Hkv = k.shape[2]
     R = Hq // Hkv
@@ -474,19 +498,23 @@ def _traceable_attention(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory
 
     n_blk = (T + 2 * Bq - 1) // Bq  # ceil(T / Bq) + 1 >= 2
     Tp = n_blk * Bq
-    qf = F.pad(q.float(), (0, 0, 0, 0, 0, Tp - T))
-    qb = qf.view(b, n_blk, Bq, Hkv, R, D).permute(0, 3, 1, 4, 2, 5).reshape(b, Hkv, n_blk, R * Bq, D)
 
-    keys, values, masks = [], [], []
-    bands = [((k, v), w, 0)]
+    def query_blocks(x):
+        xf = F.pad(x.float(), (0, 0, 0, 0, 0, Tp - T))
+        return xf.view(b, n_blk, Bq, Hkv, R, D).permute(0, 3, 1, 4, 2, 5).reshape(b, Hkv, n_blk, R * Bq, D)
+
+    qb = query_blocks(q)
+    keys, values, masks, queries = [], [], [], []  # queries: which query scores each key set
+    bands = [((k, v), w, 0, qb)]
     if k_fading is not None and m_f > 0:
-        bands.append(((k_fading, v_fading), m_f, w))
-    for (kk, vv), span, shift in bands:
+        bands.append(((k_fading, v_fading), m_f, w, qb if q_fading is None else query_blocks(q_fading)))
+    for (kk, vv), span, shift, qq in bands:
         K_, mask = _static_band(kk.float().transpose(1, 2), span, shift, n_blk, Bq)
         V_, _ = _static_band(vv.float().transpose(1, 2), span, shift, n_blk, Bq)
         keys.append(K_)
         values.append(V_)
         masks.append(mask[None].expand(b, -1, -1, -1))
+        queries.append(qq)
 
     if k_memory is not None:
         n_chunks, m_e = k_memory.shape[1], k_memory.shape[2]
@@ -503,12 +531,12 @@ def _traceable_attention(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory
         same = t_chunk[:, :, None] == cid[:, None, :]  # (n_blk, Bq, n_span)
         vis = same[None, :, :, :, None] & valid[:, cid][:, :, None]  # (b, n_blk, Bq, n_span, m_e)
         masks.append(vis.reshape(b, n_blk, Bq, n_span * m_e))
+        queries.append(qb)
 
-    K = torch.cat(keys, 3) if len(keys) > 1 else keys[0]  # (b, Hkv, n_blk, S, D)
-    V = torch.cat(values, 3) if len(values) > 1 else values[0]
+    V = torch.cat(values, 3) if len(values) > 1 else values[0]  # (b, Hkv, n_blk, S, D)
     mask = torch.cat(masks, -1) if len(masks) > 1 else masks[0]  # (b, n_blk, Bq, S)
-    S = K.shape[3]
-    scores = (torch.matmul(qb, K.transpose(-1, -2)) * scale).view(b, Hkv, n_blk, R, Bq, S)
+    S = V.shape[3]
+    scores = (_scores_by_query(queries, keys) * scale).view(b, Hkv, n_blk, R, Bq, S)
     scores = scores.masked_fill(~mask[:, None, :, None], float("-inf"))  # every row sees its own key
     if return_lse:
         lse = torch.logsumexp(scores, dim=-1)  # (b, Hkv, n_blk, R, Bq)
@@ -558,7 +586,7 @@ def _rows_layout(x: torch.Tensor, offset: int, L: int) -> torch.Tensor:
 
 
 def _resumed(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_valid, scale, return_lse, Bq,
-             budget, q_start):
+             budget, q_start, q_fading=None):
     """Queries at positions q_start + j (per row) after keys that precede them: a decoding state's
     window (k: Pk = len(k) - T keys before the first query) and fading keys (Pf before it), the state's
     memory slots per chunk from the first query's (see ``bmojo_attention_ref``).
@@ -566,8 +594,10 @@ def _resumed(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_val
     The banded kernel's layout with a prefix: each (batch row, kv head) segment holds O rows before
     its queries' keys, so query block j's window band is the contiguous rows [O + (j - nb) Bq,
     O + (j + 1) Bq) of its segment and groups of blocks within a segment read overlapping ``unfold``
-    views. Keys at negative positions (a short history) are masked by a per-row key bias; memory
-    chunks follow each row's own chunk phase (a block may straddle two)."""
+    views. Keys at negative positions (a short history) and rows before the first given key (fewer keys
+    given than a band reaches back) are masked by a per-row key bias; memory
+    chunks follow each row's own chunk phase (a block may straddle two). ``q_fading`` (like q) scores the
+    fading band instead of q."""
     b, T, Hq, D = q.shape
     Hkv = k.shape[2]
     R = Hq // Hkv
@@ -590,20 +620,27 @@ def _resumed(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_val
     start = q_start.to(device=device, dtype=torch.long)
 
     grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, k_fading, v_fading, k_memory, v_memory))
-    qf = F.pad(q.float(), (0, 0, 0, 0, 0, Tp - T)) if Tp != T else q.float()
-    # inference: scores in log2 units (q carries log2 e) for an in-place exp2, as in _banded
-    qb = (qf.view(b, n_blk, Bq, Hkv, R, D).permute(0, 3, 1, 4, 2, 5) * (scale if grad else scale * _LOG2E))
-    qb = qb.reshape(segs * n_blk, RB, D)
+        t is not None and t.requires_grad for t in (q, k, v, k_fading, v_fading, k_memory, v_memory, q_fading))
+
+    def query_blocks(x):
+        xf = F.pad(x.float(), (0, 0, 0, 0, 0, Tp - T)) if Tp != T else x.float()
+        # inference: scores in log2 units (q carries log2 e) for an in-place exp2, as in _banded
+        xb = (xf.view(b, n_blk, Bq, Hkv, R, D).permute(0, 3, 1, 4, 2, 5) * (scale if grad else scale * _LOG2E))
+        return xb.reshape(segs * n_blk, RB, D)
+
+    qb = query_blocks(q)
+    qbf = query_blocks(q_fading) if fading and q_fading is not None else qb  # the fading band's queries
     Kw, Vw = _rows_layout(k, O - Pk, L), _rows_layout(v, O - Pk, L)
     rows = torch.arange(L, device=device)[None, :]
     # a key bias per segment row: -inf where the key's position is negative (before the row's first token)
-    w_bias = torch.zeros(b, L, device=device).masked_fill_(rows - O + start[:, None] < 0, NEG)
+    # or where no key is given (rows before the first one)
+    w_bias = torch.zeros(b, L, device=device).masked_fill_((rows - O + start[:, None] < 0) | (rows < O - Pk), NEG)
     w_bias = w_bias[:, None].expand(b, Hkv, L).reshape(segs * L)
     w_edges = _edge_biases(w, nb, Bq, device)
     if fading:  # fading key i at row O + w - Pf + i: the band of the sequence shifted by w, as in _banded
         Kf, Vf = _rows_layout(k_fading, O + w - Pf, L), _rows_layout(v_fading, O + w - Pf, L)
-        f_bias = torch.zeros(b, L, device=device).masked_fill_(rows - O - w + start[:, None] < 0, NEG)
+        f_bias = torch.zeros(b, L, device=device).masked_fill_(
+            (rows - O - w + start[:, None] < 0) | (rows < O + w - Pf), NEG)
         f_bias = f_bias[:, None].expand(b, Hkv, L).reshape(segs * L)
         f_edges = _edge_biases(m_f, nbf, Bq, device)
 
@@ -655,11 +692,11 @@ def _resumed(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_val
         for j0 in range(0, n_blk, per_group):
             j1 = min(j0 + per_group, n_blk)
             g0, g1 = seg * n_blk + j0, seg * n_blk + j1
-            G, Qg = j1 - j0, qb[g0:g1]
+            G, Qg, Qfg = j1 - j0, qb[g0:g1], qbf[g0:g1]
             if grad:  # autograd: plain ops, one added bias
                 parts = [torch.bmm(Qg, band(Kw, nb, seg, j0, j1))]
                 if fading:
-                    parts.append(torch.bmm(Qg, band(Kf, nbf, seg, j0, j1)))
+                    parts.append(torch.bmm(Qfg, band(Kf, nbf, seg, j0, j1)))
                 if Sm:
                     parts.append(torch.bmm(Qg, Km[g0:g1].transpose(1, 2)))
                 with torch.no_grad():
@@ -683,7 +720,7 @@ def _resumed(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_val
             sc = sbuf[: G * RB * S].view(G, RB, S)  # inference: in place, in log2 units
             torch.bmm(Qg, band(Kw, nb, seg, j0, j1), out=sc[:, :, :Sw])
             if fading:
-                torch.bmm(Qg, band(Kf, nbf, seg, j0, j1), out=sc[:, :, Sw : Sw + Sf])
+                torch.bmm(Qfg, band(Kf, nbf, seg, j0, j1), out=sc[:, :, Sw : Sw + Sf])
             if Sm:
                 torch.bmm(Qg, Km[g0:g1].transpose(1, 2), out=sc[:, :, Sw + Sf :])
             mask_(sc.view(G, R, Bq, S), seg, j0, j1, g0, g1)
@@ -746,6 +783,7 @@ def bmojo_attention_blocksparse(
     scale: float | None = None,
     return_lse: bool = False,
     q_start: torch.Tensor | None = None,
+    q_fading: torch.Tensor | None = None,
     block_size: int = DEFAULT_BLOCK,
     score_budget: int | None = None,
 ):
@@ -754,13 +792,14 @@ def bmojo_attention_blocksparse(
 
     q (b, T, Hq, D); k, v, k_fading, v_fading (b, T, Hkv, D); k_memory, v_memory
     (b, ceil(T/w), m_e, Hkv, D); memory_valid (b, ceil(T/w), m_e) bool (None: all valid). Query t sees
-    k[s] for t-w < s <= t, k_fading[s] for t-w-m_f < s <= t-w, and the valid slots of chunk t // w.
+    k[s] for t-w < s <= t, k_fading[s] for t-w-m_f < s <= t-w, and the valid slots of chunk t // w;
+    q_fading (b, T, Hq, D), when given, scores the fading keys instead of q (every path takes it).
     Returns o (b, T, Hq, D) in q's dtype and, if asked, the natural-log lse (b, T, Hq) fp32.
     ``block_size`` is the query block target; ``score_budget`` (bytes, default ``SCORE_BUDGET``) bounds
     the fp32 scores of one group of query blocks.
     """
     return _attention(q, k, v, window, k_fading, v_fading, fading_window, k_memory, v_memory, memory_valid,
-                      scale, return_lse, q_start, block_size, score_budget, banded=True)
+                      scale, return_lse, q_start, block_size, score_budget, banded=True, q_fading=q_fading)
 
 
 def bmojo_attention_gathered(
@@ -777,6 +816,7 @@ def bmojo_attention_gathered(
     scale: float | None = None,
     return_lse: bool = False,
     q_start: torch.Tensor | None = None,
+    q_fading: torch.Tensor | None = None,
     block_size: int = DEFAULT_BLOCK,
     score_budget: int | None = None,
 ):
@@ -784,24 +824,27 @@ def bmojo_attention_gathered(
     sequence: registered for the devices without cheap overlapping views (XLA / Neuron, ...). Keys before
     the queries (``q_start``), a symbolic T and ``window=None`` take the same paths as there."""
     return _attention(q, k, v, window, k_fading, v_fading, fading_window, k_memory, v_memory, memory_valid,
-                      scale, return_lse, q_start, block_size, score_budget, banded=False)
+                      scale, return_lse, q_start, block_size, score_budget, banded=False, q_fading=q_fading)
 
 
 def _attention(q, k, v, window, k_fading, v_fading, fading_window, k_memory, v_memory, memory_valid, scale,
-               return_lse, q_start, block_size, score_budget, banded: bool):
+               return_lse, q_start, block_size, score_budget, banded: bool, q_fading=None):
     b, T, Hq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if q_fading is not None and (window is None or k_fading is None):
+        raise ValueError("bmojo_attention: q_fading scores the fading keys; it needs k_fading and a window "
+                         "(full causal attention has no fading keys)")
     if q_start is not None:  # new tokens after a decoding state
         if window is None:
             return _full_causal_resumed(q, k, v, scale, return_lse, q_start)
         return _resumed(q, k, v, window, k_fading, v_fading, window if fading_window is None else fading_window,
                         k_memory, v_memory, memory_valid, scale, return_lse, _pick_block(window, block_size),
-                        SCORE_BUDGET if score_budget is None else score_budget, q_start)
+                        SCORE_BUDGET if score_budget is None else score_budget, q_start, q_fading)
     if _traceable(q):
         return _traceable_attention(q, k, v, window, k_fading, v_fading,
                                     window if fading_window is None else fading_window, k_memory, v_memory,
                                     memory_valid, scale, return_lse,
-                                    None if window is None else _pick_block(window, block_size))
+                                    None if window is None else _pick_block(window, block_size), q_fading)
     if T == 0:
         o = q.new_empty(b, 0, Hq, D)
         return (o, q.new_empty(b, 0, Hq, dtype=torch.float32)) if return_lse else o
@@ -811,10 +854,13 @@ def _attention(q, k, v, window, k_fading, v_fading, fading_window, k_memory, v_m
     Bq = _pick_block(window, block_size)
     if not banded:
         return _gathered(q, k, v, window, k_fading, v_fading, m_f, k_memory, v_memory, memory_valid, scale,
-                         return_lse, Bq)
+                         return_lse, Bq, q_fading)
     return _banded(q, k, v, window, k_fading, v_fading, m_f, k_memory, v_memory, memory_valid, scale, return_lse,
-                   Bq, SCORE_BUDGET if score_budget is None else score_budget)
+                   Bq, SCORE_BUDGET if score_budget is None else score_budget, q_fading)
 
 
+# optional capabilities (bmojo.ops.registry.ATTENTION_CAPABILITIES), all paths above
 bmojo_attention_blocksparse.resumes = True  # takes q_start: keys before the queries
 bmojo_attention_gathered.resumes = True
+bmojo_attention_blocksparse.fading_query = True  # takes q_fading: the fading keys' own queries
+bmojo_attention_gathered.fading_query = True

@@ -31,6 +31,8 @@ OP_NAMES = (
     "innovation_select",
     "innovation_scores",
     "merge_memory",
+    "ssd_scan",
+    "ssd_state_update",
 )
 BACKEND_NAMES = ("auto", "torch", "cuda", "neuron")
 
@@ -194,6 +196,8 @@ class OpTable:
         if not getattr(decode, "segments", False):
             warn_concatenating_segments(name, device)
             self.attention_decode = _concatenating(decode)
+        if not getattr(decode, "segment_queries", False):
+            self.attention_decode = _segment_queries_to_torch(name, self.attention_decode, device)
 
 
 def warn_concatenating_segments(backend: str, device: torch.device) -> None:
@@ -203,26 +207,61 @@ def warn_concatenating_segments(backend: str, device: torch.device) -> None:
                "a cache held in segments; the window, fading and memory segments are concatenated at every call")
 
 
+# optional capabilities of a bmojo_attention kernel: (attribute it sets to True, the argument it then
+# takes, what a kernel without it cannot do). Calls passing such an argument to a kernel without the
+# capability go to the torch backend (which has them all), announced once.
+ATTENTION_CAPABILITIES = (
+    ("resumes", "q_start", "cannot take keys before its queries (new tokens after a decoding state)"),
+    ("fading_query", "q_fading", "cannot score the fading keys with their own queries (q_fading)"),
+)
+
+
 def resolve_resuming(backend: str | None, device: torch.device) -> Callable:
-    """``bmojo_attention`` for ``backend`` on ``device``; when that kernel cannot take keys before its
-    queries (``q_start``: tokens after a decoding state; it marks itself with ``resumes = True``), those
-    calls go to the torch backend, with a one-time warning at the first such call."""
+    """``bmojo_attention`` for ``backend`` on ``device``; when that kernel lacks an optional capability
+    (:data:`ATTENTION_CAPABILITIES`: ``resumes = True`` takes ``q_start``, keys before the queries;
+    ``fading_query = True`` takes ``q_fading``, the fading keys' own queries), the calls that need it go
+    to the torch backend, with a one-time warning (naming op, backend and reason) at the first such call."""
     name, fn = _resolve("bmojo_attention", backend, device)
-    if getattr(fn, "resumes", False):
+    lacking = [(arg, reason) for attr, arg, reason in ATTENTION_CAPABILITIES if not getattr(fn, attr, False)]
+    if not lacking:
         return fn
     fallback = torch_implementation("bmojo_attention", device)
     module = getattr(fn, "__module__", "?")
 
-    def bmojo_attention(q, k, v, *args, q_start=None, **kw):
-        if q_start is None:
-            return fn(q, k, v, *args, **kw)
-        _warn_once((module, "bmojo_attention", "q_start"),
-                   f"bmojo: the bmojo_attention kernel of the {name!r} backend ({module}) on {device.type} tensors "
-                   "cannot take keys before its queries (new tokens after a decoding state); those calls use the "
-                   "torch backend")
-        return fallback(q, k, v, *args, q_start=q_start, **kw)
+    def bmojo_attention(q, k, v, *args, **kw):
+        for arg, reason in lacking:
+            if kw.get(arg) is None:
+                kw.pop(arg, None)  # an absent capability's argument, passed as None: not for the kernel
+                continue
+            _warn_once((module, "bmojo_attention", arg),
+                       f"bmojo: the bmojo_attention kernel of the {name!r} backend ({module}) on {device.type} "
+                       f"tensors {reason}; those calls use the torch backend")
+            return fallback(q, k, v, *args, **kw)
+        return fn(q, k, v, *args, **kw)
 
     return bmojo_attention
+
+
+def warn_segment_queries(backend: str, device: torch.device) -> None:
+    """The one-time warning of a decode kernel that cannot score each segment with its own query."""
+    _warn_once(("segment_queries", backend, device.type),
+               f"bmojo: the attention_decode kernel of the {backend!r} backend on {device.type} tensors cannot score "
+               "each cache segment with its own query (q given per segment: the fading ring read with the fading "
+               "query); those calls use the torch backend")
+
+
+def _segment_queries_to_torch(backend: str, fn, device: torch.device):
+    """``fn`` (an attention_decode without ``segment_queries``), whose calls with one query per segment go
+    to the torch backend, announced once at the first such call."""
+    fallback = torch_implementation("attention_decode", device)
+
+    def attention_decode(q, k, v, valid=None, scale=None):
+        if isinstance(q, (tuple, list)):
+            warn_segment_queries(backend, device)
+            return fallback(q, k, v, valid, scale)
+        return fn(q, k, v, valid, scale)
+
+    return attention_decode
 
 
 def _concatenating(fn):

@@ -10,7 +10,7 @@ from bmojo.ops import attention_decode_ref, bmojo_attention_ref  # noqa: E402
 from bmojo.backends.cuda.attention import attention_decode, bmojo_attention  # noqa: E402
 
 
-def make(device, b, T, Hq, Hkv, D, window, fading, m_f, m_e, dtype, valid_p=0.7, invalid_chunk=None):
+def make(device, b, T, Hq, Hkv, D, window, fading, m_f, m_e, dtype, valid_p=0.7, invalid_chunk=None, q_fading=False):
     def r(*shape):
         return leaf(torch.randn(*shape, device=device, dtype=dtype))
 
@@ -18,6 +18,8 @@ def make(device, b, T, Hq, Hkv, D, window, fading, m_f, m_e, dtype, valid_p=0.7,
     kw = dict(window=window)
     if fading:
         kw.update(k_fading=r(b, T, Hkv, D), v_fading=r(b, T, Hkv, D), fading_window=m_f)
+        if q_fading:  # the fading keys' own queries
+            kw["q_fading"] = r(b, T, Hq, D)
     if m_e:
         nc = -(-T // window)
         valid = torch.rand(b, nc, m_e, device=device) < valid_p
@@ -27,7 +29,7 @@ def make(device, b, T, Hq, Hkv, D, window, fading, m_f, m_e, dtype, valid_p=0.7,
     return t, kw
 
 
-DIFF = ("q", "k", "v", "k_fading", "v_fading", "k_memory", "v_memory")
+DIFF = ("q", "k", "v", "k_fading", "v_fading", "k_memory", "v_memory", "q_fading")
 
 
 def check(device, *args, lse_grad=True, **kwargs):
@@ -63,6 +65,38 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_attention_fp32(device, small_attention_blocks, case):
     check(device, *CASES[case], torch.float32)
+
+
+QF_CASES = ["gqa_all_memories", "w_not_dividing_T_blocks_shorter_than_w", "T_below_w", "two_slot_blocks_long_fading",
+            "head_dim_12_no_memory"]
+
+
+@pytest.mark.parametrize("case", QF_CASES)
+def test_attention_q_fading_fp32(device, small_attention_blocks, case):
+    """The fading band scored with its own queries: o, lse and every gradient, d q_fading included."""
+    check(device, *CASES[case], torch.float32, q_fading=True)
+
+
+def test_attention_q_fading_fading_window_zero_and_half(device, small_attention_blocks):
+    """fading_window=0: q_fading is never used (zero gradient); bf16 with q_fading."""
+    check(device, 2, 29, 2, 1, 16, 8, True, 0, 3, torch.float32, q_fading=True)
+    check(device, 2, 29, 4, 2, 16, 8, True, 6, 2, torch.bfloat16, q_fading=True)
+
+
+def test_attention_q_fading_some_gradients_only(device, small_attention_blocks):
+    """Only q_fading (then only q) needs a gradient: the dq kernel still writes the one asked for."""
+    t, kw = make(device, 1, 21, 2, 1, 16, 8, True, None, 2, torch.float32, q_fading=True)
+    for name in ("k", "v", "q"):
+        t[name] = t[name].detach()
+    for wanted in ("q_fading", "q"):
+        if wanted == "q":
+            t["q"], kw["q_fading"] = leaf(t["q"]), kw["q_fading"].detach()
+        x = t["q"] if wanted == "q" else kw["q_fading"]
+        o, o_ref = bmojo_attention(**t, **kw), bmojo_attention_ref(**t, **kw)
+        cot = [torch.randn_like(o_ref)]
+        assert_close(grads([o], cot, [x])[0], grads([o_ref], cot, [x])[0], torch.float32, "d" + wanted)
+    with pytest.raises(ValueError, match="q_fading"):
+        bmojo_attention(t["q"], t["k"], t["v"], q_fading=kw["q_fading"])  # full causal: no fading keys
 
 
 def test_attention_memory_valid_none(device, small_attention_blocks):

@@ -20,6 +20,7 @@ def test_ops_cover_the_kernels_and_match_the_op_signatures():
         "selective_scan": ops.selective_scan_ref, "selective_state_update": ops.selective_state_update_ref,
         "causal_conv1d": ops.causal_conv1d_ref, "causal_conv1d_update": ops.causal_conv1d_update_ref,
         "bmojo_attention": ops.bmojo_attention_ref, "attention_decode": ops.attention_decode_ref,
+        "ssd_scan": ops.ssd_scan_ref, "ssd_state_update": ops.ssd_state_update_ref,
     }
     assert set(cuda_backend.OPS) == set(registry.OP_NAMES) - {"innovation_select", "innovation_scores", "merge_memory"}
     for name, fn in cuda_backend.OPS.items():
@@ -65,6 +66,51 @@ def test_resuming_attention_falls_back_with_one_warning(device):
     msgs = [str(x.message) for x in w]
     assert len(msgs) == 1 and "bmojo_attention" in msgs[0] and "'cuda'" in msgs[0] and "before its queries" in msgs[0]
     assert_close(o, ops.bmojo_attention_ref(q, k, v, window=4, q_start=start), torch.float32, "o")
+
+
+def test_q_fading_runs_the_kernel_and_with_q_start_the_torch_backend(device):
+    """The Triton attention takes the fading keys' own queries (``fading_query``): no fallback; with keys
+    before the queries as well, the torch backend (announced once, for q_start) still honours q_fading."""
+    g = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    assert cuda_backend.OPS["bmojo_attention"].fading_query
+    q, qf, k, v, kf, vf = r(1, 9, 2, 16), r(1, 9, 2, 16), r(1, 9, 1, 16), r(1, 9, 1, 16), r(1, 9, 1, 16), r(1, 9, 1, 16)
+    kw = dict(window=4, k_fading=kf, v_fading=vf, fading_window=3)
+    fn = registry.resolve_resuming("cuda", device)
+    registry._warned.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        o = ops.bmojo_attention(q, k, v, q_fading=qf, backend="cuda", **kw)
+        o_table = fn(q, k, v, q_fading=qf, **kw)
+    want = ops.bmojo_attention_ref(q, k, v, q_fading=qf, **kw)
+    assert_close(o, want, torch.float32, "o")
+    assert_close(o_table, want, torch.float32, "o (table)")
+    start = torch.tensor([5], device=device)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        o = fn(q[:, 4:], k, v, q_start=start, q_fading=qf[:, 4:], **kw)
+    msgs = [str(x.message) for x in w]
+    assert len(msgs) == 1 and "'cuda'" in msgs[0] and "before its queries" in msgs[0]
+    assert_close(o, ops.bmojo_attention_ref(q[:, 4:], k, v, q_start=start, q_fading=qf[:, 4:], **kw), torch.float32, "o")
+
+
+def test_decode_with_per_segment_queries_falls_back_with_one_warning(device):
+    """The Triton decode step scores every key with one query: per-segment queries run the torch backend."""
+    g = torch.Generator().manual_seed(4)
+    r = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    ks, vs = (r(2, 5, 2, 8), r(2, 3, 2, 8)), (r(2, 5, 2, 8), r(2, 3, 2, 8))
+    qs = (r(2, 4, 8), r(2, 4, 8))
+    registry._warned.clear()
+    table = registry.OpTable("cuda", device)
+    for call in (lambda: ops.attention_decode(qs, ks, vs, backend="cuda"), lambda: table.attention_decode(qs, ks, vs)):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            o = call()
+            call()
+        msgs = [str(x.message) for x in w]
+        assert len(msgs) == 1 and "attention_decode" in msgs[0] and "'cuda'" in msgs[0] and "own query" in msgs[0]
+        assert_close(o, ops.attention_decode_ref(qs, ks, vs), torch.float32, "o")
+        registry._warned.clear()
 
 
 def _decode_step_args(device):

@@ -25,11 +25,12 @@ def _close(a, b, tol=2e-4, name=""):
 
 def test_op_table_matches_the_op_api_signatures():
     """What bmojo.ops passes to a backend (its own parameters minus ``backend``) is what OPS accepts."""
-    assert set(neuron_backend.OPS) == {"selective_scan", "selective_state_update", "bmojo_attention"}
+    assert set(neuron_backend.OPS) == {"selective_scan", "selective_state_update", "bmojo_attention", "ssd_scan"}
     for name, fn in neuron_backend.OPS.items():
-        # q_start (keys before the queries) is optional: without it the registry routes those calls to torch
+        # q_start (keys before the queries) and q_fading (the fading keys' own queries) are optional
+        # capabilities: without them the registry routes those calls to torch
         want = [(p.name, p.default) for p in inspect.signature(getattr(bmojo_ops, name)).parameters.values()
-                if p.name not in ("backend", "q_start")]
+                if p.name not in ("backend", "q_start", "q_fading")]
         got = [(p.name, p.default) for p in inspect.signature(fn).parameters.values()]
         assert got == want, name
         assert registry.torch_implementation(name, torch.device("cpu")) is not None
@@ -120,6 +121,26 @@ def test_off_xla_the_ops_run_the_torch_backend_with_one_warning(op):
     _, second = _warnings_of(call)
     assert len(first) == 1 and not second, (first, second)
     assert op in first[0] and "neuron backend" in first[0] and "torch backend" in first[0] and "XLA" in first[0]
+
+
+def test_q_fading_goes_to_the_torch_backend_with_one_warning(monkeypatch):
+    """The NKI attention scores every key with q (no ``fading_query``): calls with the fading keys' own
+    queries run the torch backend (its kernel for XLA devices), announced once by op, backend and reason;
+    the others still reach the neuron op."""
+    monkeypatch.setattr(registry._BACKENDS["neuron"], "unavailable", lambda: None)  # as on a Neuron host
+    monkeypatch.setattr(registry, "_warned", set())
+    assert not getattr(neuron_backend.OPS["bmojo_attention"], "fading_query", False)
+    fn = registry.resolve_resuming("neuron", torch.device("xla"))  # what the model's table holds there
+    a = _attn_args()
+    qf = torch.randn(a["q"].shape, generator=torch.Generator().manual_seed(7))
+    o, msgs = _warnings_of(lambda: fn(**a, q_fading=qf))
+    assert len(msgs) == 1 and "bmojo_attention" in msgs[0] and "'neuron'" in msgs[0] and "q_fading" in msgs[0]
+    _close(o, bmojo_ops.bmojo_attention_ref(**a, q_fading=qf), name="o")
+    assert not _warnings_of(lambda: fn(**a, q_fading=qf))[1]
+    # without q_fading (None included) the neuron op runs: off XLA it says so itself
+    o, msgs = _warnings_of(lambda: fn(**a, q_fading=None))
+    assert len(msgs) == 1 and "neuron backend" in msgs[0] and "XLA" in msgs[0]
+    _close(o, bmojo_ops.bmojo_attention_ref(**a), name="o")
 
 
 class _NoSetupContext(torch.autograd.Function):

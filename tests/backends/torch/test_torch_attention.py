@@ -166,6 +166,159 @@ def test_long_sequence_several_groups_spot_check():
         torch.testing.assert_close(o[bi, t, h], p @ vals, rtol=1e-5, atol=1e-5)
 
 
+# ----------------------------------------------------------------------------- the fading keys' own queries
+
+QF_CASES = [
+    # (b, T, Hq, Hkv, D, window, fading_window, m_e, invalid, block_size)
+    (2, 37, 4, 2, 8, 8, 5, 3, True, 4),      # GQA, odd T, m_f < w, memory (blocks straddle nothing)
+    (2, 61, 3, 1, 8, 7, 9, 2, True, 3),      # m_f > w, blocks straddle memory chunks, several groups
+    (1, 7, 3, 1, 8, 16, 16, 2, False, 64),   # T < w: no query sees a fading key (q_fading unused)
+    (2, 45, 2, 1, 8, 6, 13, 0, False, 4),    # m_f > 2w, no memory
+    (1, 30, 2, 2, 8, 8, 0, 2, True, 4),      # m_f = 0: fading keys never visible
+    (1, 1, 2, 1, 8, 4, 2, 2, True, 64),      # T = 1
+]
+
+
+def _qf_inputs(case, seed=None):
+    b, T, Hq, Hkv, D, w, m_f, m_e, invalid, _ = case
+    return _attn_inputs(b, T, Hq, Hkv, D, w, True, m_e, invalid, torch.float32, seed=T if seed is None else seed,
+                        q_fading=True)
+
+
+def test_q_fading_changes_what_the_reference_computes():
+    """The oracle scores the fading keys with q_fading: a different q_fading changes the output exactly where a
+    query sees a fading key, and q_fading = q is the single-query op."""
+    t = _qf_inputs(QF_CASES[0])
+    kw = dict(window=8, fading_window=5)
+    base = {n: x for n, x in t.items() if n != "q_fading"}
+    with torch.no_grad():
+        o = ops.bmojo_attention_ref(**t, **kw)
+        torch.testing.assert_close(ops.bmojo_attention_ref(**base, **kw, q_fading=t["q"]), ops.bmojo_attention_ref(**base, **kw))
+        changed = (o - ops.bmojo_attention_ref(**base, **kw)).abs().amax((0, 2, 3)) > 1e-6  # per query position
+    assert not changed[:8].any() and changed[8:].all()  # queries t >= w see fading keys
+
+
+@pytest.mark.parametrize("case", QF_CASES)
+@pytest.mark.parametrize("kernel", ["op", "banded", "banded_split", "gathered"])
+def test_q_fading_forward_and_gradients(case, kernel, monkeypatch):
+    """Autograd path of the fresh kernels with q_fading: o, lse and every gradient (d q_fading included)."""
+    bs = case[-1]
+    fast = {
+        "op": lambda **a: ops.bmojo_attention(**a, backend="torch"),
+        "banded": lambda **a: bmojo_attention_blocksparse(**a, block_size=bs, score_budget=3000),
+        "banded_split": lambda **a: bmojo_attention_blocksparse(**a, block_size=bs, score_budget=1),
+        "gathered": lambda **a: bmojo_attention_gathered(**a, block_size=bs),
+    }[kernel]
+    monkeypatch.setattr(parallel, "HEAD_SPLIT_WORK", 0 if kernel == "banded_split" else 2**62)
+    t = _qf_inputs(case)
+    _check_attention(t, dict(window=case[5], fading_window=case[6], return_lse=True), torch.float32, fast=fast)
+
+
+@pytest.mark.parametrize("case", QF_CASES)
+@pytest.mark.parametrize("budget", [1, None])
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_q_fading_inference_path(case, budget, return_lse):
+    """The banded kernel's no-grad path (in-place scores) with q_fading; no input is modified."""
+    t = {n: x.detach() if isinstance(x, torch.Tensor) else x for n, x in _qf_inputs(case).items()}
+    before = {n: x.clone() for n, x in t.items() if isinstance(x, torch.Tensor)}
+    kw = dict(window=case[5], fading_window=case[6], return_lse=return_lse)
+    with torch.no_grad():
+        got = bmojo_attention_blocksparse(**t, **kw, block_size=case[-1], score_budget=budget)
+    want = ops.bmojo_attention_ref(**t, **kw)
+    got, want = (got, want) if return_lse else ((got,), (want,))
+    for name, a, e in zip(("o", "lse"), got, want):
+        _close(a, e, torch.float32, name)
+    for n, x in before.items():
+        assert torch.equal(t[n], x), f"{n} was modified"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_q_fading_low_precision(dtype):
+    t = _attn_inputs(2, 45, 4, 2, 16, 8, True, 3, True, dtype, q_fading=True)
+    _check_attention(t, dict(window=8, fading_window=6, return_lse=True), dtype)
+
+
+def test_q_fading_needs_fading_keys():
+    """Full causal attention (and any call without fading keys) has no fading keys to score: refused by the
+    op, the kernels and the oracle."""
+    q, k, v = (torch.randn(1, 9, 2, 8) for _ in range(3))
+    for fn in (ops.bmojo_attention, bmojo_attention_blocksparse, bmojo_attention_gathered, ops.bmojo_attention_ref):
+        for kw in (dict(window=None), dict(window=4)):
+            with pytest.raises(ValueError, match="q_fading"):
+                fn(q, k, v, q_fading=torch.randn(1, 9, 2, 8), **kw)
+    with pytest.raises(ValueError, match="q_fading must be shaped like q"):
+        ops.bmojo_attention(q, k, v, window=4, k_fading=k, v_fading=v, q_fading=q[:, :, :1])
+    with pytest.raises(ValueError, match="q_fading must be shaped like q"):
+        ops.bmojo_attention(q, k, v, window=4, k_fading=k, v_fading=v, q_fading=q.double())
+
+
+# ----------------------------------------------------------------------------- keys before the queries (q_start)
+
+RESUME_CASES = [
+    # (b, T, Hq, Hkv, D, window, fading_window, m_e, starts, block_size[, (keys, fading keys) before the queries])
+    (2, 13, 4, 2, 8, 8, 5, 3, (3, 21), 64),    # GQA, odd T, a short history (row 0: 3 earlier tokens)
+    (2, 5, 2, 1, 8, 8, 12, 2, (0, 9), 64),     # T < w, m_f > w, row 0 from position 0 (every earlier key absent)
+    (1, 1, 2, 2, 8, 4, 4, 2, (17,), 64),       # one token
+    (2, 29, 3, 1, 8, 7, 9, 2, (5, 40), 3),     # several blocks, blocks straddle memory chunks, short history
+    (2, 20, 2, 1, 8, 6, 0, 0, (11, 2), 4),     # m_f = 0, no memory
+    (1, 17, 2, 1, 8, 4, 3, 1, (6,), 4),        # m_f < w, more memory chunks than needed
+    (2, 5, 2, 1, 16, 4, 3, 0, (5, 30), 64, (2, 4)),  # fewer keys given than the bands reach back: the rest absent
+    (1, 11, 2, 1, 8, 6, 9, 2, (20,), 4, (0, 3)),     # no earlier key, 3 earlier fading keys, several blocks
+]
+
+
+def _resume_inputs(case, q_fading, dtype=torch.float32):
+    """A decoding state's window (w keys) and fading keys (m_f + w) before T new tokens (or as many as the
+    case says), the memory of the chunks from the first query's (one spare chunk in one case); rows at
+    their own positions."""
+    b, T, Hq, Hkv, D, w, m_f, m_e, starts, bs = case[:10]
+    Pk, Pf = case[10] if len(case) > 10 else (w, m_f + w)
+    g = torch.Generator().manual_seed(T + w)
+    r = lambda *s: torch.randn(*s, generator=g).to(dtype).requires_grad_()  # noqa: E731
+    t = dict(q=r(b, T, Hq, D), k=r(b, Pk + T, Hkv, D), v=r(b, Pk + T, Hkv, D),
+             k_fading=r(b, Pf + T, Hkv, D), v_fading=r(b, Pf + T, Hkv, D))
+    if q_fading:
+        t["q_fading"] = r(b, T, Hq, D)
+    if m_e:
+        n = (T + w - 2) // w + 1 + (bs == 4 and b == 1 and T == 17)
+        t.update(k_memory=r(b, n, m_e, Hkv, D), v_memory=r(b, n, m_e, Hkv, D))
+        t["memory_valid"] = torch.rand(b, n, m_e, generator=g) > 0.3
+    t["q_start"] = torch.tensor(starts)
+    return t
+
+
+@pytest.mark.parametrize("case", RESUME_CASES)
+@pytest.mark.parametrize("q_fading", [False, True])
+@pytest.mark.parametrize("kernel", ["op", "banded", "gathered"])
+def test_resumed_forward_and_gradients(case, q_fading, kernel):
+    """q_start (tokens after a decoding state), with and without the fading keys' own queries: o, lse and
+    every gradient against the oracle; both registered entry points take the same path."""
+    bs = case[9]
+    fast = {
+        "op": lambda **a: ops.bmojo_attention(**a, backend="torch"),
+        "banded": lambda **a: bmojo_attention_blocksparse(**a, block_size=bs, score_budget=2000),
+        "gathered": lambda **a: bmojo_attention_gathered(**a, block_size=bs),
+    }[kernel]
+    t = _resume_inputs(case, q_fading)
+    _check_attention(t, dict(window=case[5], fading_window=case[6], return_lse=True), torch.float32, fast=fast)
+
+
+@pytest.mark.parametrize("case", RESUME_CASES)
+@pytest.mark.parametrize("q_fading", [False, True])
+@pytest.mark.parametrize("budget", [1, None])
+def test_resumed_inference_path(case, q_fading, budget):
+    t = {n: x.detach() for n, x in _resume_inputs(case, q_fading).items()}
+    before = {n: x.clone() for n, x in t.items()}
+    kw = dict(window=case[5], fading_window=case[6], return_lse=True)
+    with torch.no_grad():
+        got = bmojo_attention_blocksparse(**t, **kw, block_size=case[9], score_budget=budget)
+    want = ops.bmojo_attention_ref(**t, **kw)
+    for name, a, e in zip(("o", "lse"), got, want):
+        _close(a, e, torch.float32, name)
+    for n, x in before.items():
+        assert torch.equal(t[n], x), f"{n} was modified"
+
+
 # ----------------------------------------------------------------------------- decoding step
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -211,3 +364,69 @@ def test_attention_decode_segments_equal_the_concatenated_cache():
     with pytest.raises(ValueError, match=r"\(2, 3, 2, 8\)"):
         ops.attention_decode(q, ks, (vs[0], vs[1][:, :, :1].expand(-1, -1, 2, -1).contiguous()[:, :2], vs[2]),
                              backend="torch")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_decode_per_segment_queries(dtype):
+    """One query per segment (window ring with q, fading ring with q_fading, slots with q): one softmax over
+    all segments, each scored with its own query; against the oracle, and the oracle against an explicit
+    softmax."""
+    g = torch.Generator().manual_seed(5)
+    b, Hq, Hkv, D = 2, 4, 2, 8
+    sizes = (5, 3, 7)
+    ks = tuple(torch.randn(b, n, Hkv, D, generator=g).to(dtype) for n in sizes)
+    vs = tuple(torch.randn(b, n, Hkv, D, generator=g).to(dtype) for n in sizes)
+    valids = tuple(torch.rand(b, n, generator=g) < 0.6 for n in sizes)
+    valids[0][:, 0] = True
+    q, qf = (torch.randn(b, Hq, D, generator=g).to(dtype) for _ in range(2))
+    qs = (q, qf, q)
+    want = ops.attention_decode_ref(qs, ks, vs, valids)
+    # the oracle: scores of segment i with query i, masked, one softmax
+    rep = lambda x: x.float().repeat_interleave(Hq // Hkv, 2)  # noqa: E731
+    sc = torch.cat([torch.einsum("bhd,bshd->bhs", qi.float(), rep(ki)) for qi, ki in zip(qs, ks)], -1) / math.sqrt(D)
+    sc = sc.masked_fill(~torch.cat(valids, 1)[:, None], float("-inf"))
+    explicit = torch.einsum("bhs,bshd->bhd", torch.softmax(sc, -1), rep(torch.cat(vs, 1)))
+    torch.testing.assert_close(want.float(), explicit.to(dtype).float(), atol=1e-5, rtol=1e-5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for got in (attention_decode_torch(qs, ks, vs, valids), ops.attention_decode(qs, ks, vs, valids, backend="torch"),
+                ops.attention_decode(list(qs), list(ks), list(vs), list(valids), backend="torch")):
+        assert got.dtype == dtype and got.shape == (b, Hq, D)
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    # no mask, custom scale; the same query for every segment is the single-query decode
+    torch.testing.assert_close(ops.attention_decode(qs, ks, vs, None, scale=0.3, backend="torch").float(),
+                               ops.attention_decode_ref(qs, ks, vs, None, scale=0.3).float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(ops.attention_decode((q, q, q), ks, vs, valids, backend="torch"),
+                               ops.attention_decode(q, ks, vs, valids, backend="torch"))
+    _, p = ops.attention_decode_weights_ref(qs, ks, vs, valids)
+    torch.testing.assert_close(p.sum(-1), torch.ones(b, Hq))
+    # one segment given as a tensor takes a 1-tuple of queries
+    torch.testing.assert_close(ops.attention_decode((qf,), ks[0], vs[0], valids[0], backend="torch"),
+                               ops.attention_decode(qf, ks[0], vs[0], valids[0], backend="torch"))
+
+
+def test_attention_decode_per_segment_queries_gradients():
+    """The decode step's gradients w.r.t. every query and segment (the torch backend is autograd's)."""
+    g = torch.Generator().manual_seed(6)
+    b, Hq, Hkv, D = 2, 4, 1, 8
+    ks = [torch.randn(b, n, Hkv, D, generator=g).requires_grad_() for n in (4, 6)]
+    vs = [torch.randn(b, n, Hkv, D, generator=g).requires_grad_() for n in (4, 6)]
+    qs = [torch.randn(b, Hq, D, generator=g).requires_grad_() for _ in range(2)]
+    cot = torch.randn(b, Hq, D, generator=g)
+    ins = qs + ks + vs
+    got = torch.autograd.grad((attention_decode_torch(tuple(qs), tuple(ks), tuple(vs)) * cot).sum(), ins)
+    want = torch.autograd.grad((ops.attention_decode_ref(tuple(qs), tuple(ks), tuple(vs)) * cot).sum(), ins)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_decode_per_segment_queries_are_checked():
+    q = torch.randn(2, 4, 8)
+    ks = (torch.randn(2, 3, 2, 8), torch.randn(2, 5, 2, 8))
+    with pytest.raises(ValueError, match="one query per key segment"):
+        ops.attention_decode((q, q, q), ks, ks, backend="torch")
+    with pytest.raises(ValueError, match="one query per key segment"):
+        ops.attention_decode((q, q), ks[0], ks[0], backend="torch")
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        ops.attention_decode((q, q[:, :2]), ks, ks, backend="torch")
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        ops.attention_decode((q, q.double()), ks, ks, backend="torch")

@@ -38,12 +38,15 @@ def _fwd_bwd(fn, inputs, *args, **kw):
     return [o.detach() for o in out], list(grads)
 
 
-def _attn_inputs(b, T, Hq, Hkv, D, w, fading, memory, invalid, dtype, seed=0):
+def _attn_inputs(b, T, Hq, Hkv, D, w, fading, memory, invalid, dtype, seed=0, q_fading=False):
+    """Leaf tensors for bmojo_attention from position 0; ``q_fading``: the fading keys' own queries too."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g).to(dtype).requires_grad_()  # noqa: E731
     t = dict(q=r(b, T, Hq, D), k=r(b, T, Hkv, D), v=r(b, T, Hkv, D))
     if fading:
         t.update(k_fading=r(b, T, Hkv, D), v_fading=r(b, T, Hkv, D))
+        if q_fading:
+            t["q_fading"] = r(b, T, Hq, D)
     if memory:
         n_chunks = -(-T // w)
         m_e = memory

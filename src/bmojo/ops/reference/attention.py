@@ -5,6 +5,9 @@ It materialises every score, so it is the oracle, not a kernel; it shares no cod
 query j is at position ``q_start + j``; key i of ``k`` at ``q_start - (len(k) - T) + i`` (keys may
 precede the queries: a decoding state's window resumed with new tokens), fading key i at
 ``q_start - (len(k_fading) - T) + i``; keys at negative positions do not exist.
+
+Fading keys may be scored with their own queries (``q_fading``, like q: the authors' B'MOJO-F checkpoints
+project them with a separate ``q_proj_``); every other key is scored with q, all in one softmax.
 """
 from __future__ import annotations
 
@@ -37,9 +40,14 @@ def bmojo_visibility_masks(
 
 
 def _scores_ref(q, k, v, window, k_fading, v_fading, fading_window, k_memory, v_memory, memory_valid, scale,
-                q_start=None):
+                q_start=None, q_fading=None):
     """Masked scaled scores (b, Hq, T, S) fp32 over [in-context | fading | memory chunks * m_e] keys
-    (the last two present only when given), and the matching values (b, S, Hq, D) fp32."""
+    (the last two present only when given; the fading ones scored with ``q_fading`` when given, else q),
+    and the matching values (b, S, Hq, D) fp32."""
+    if q_fading is not None and (k_fading is None or window is None):
+        raise ValueError("bmojo_attention_ref: q_fading scores the fading keys; it needs k_fading and a window")
+    if q_fading is not None and q_fading.shape != q.shape:
+        raise ValueError(f"bmojo_attention_ref: q_fading must be shaped like q {tuple(q.shape)}, got {tuple(q_fading.shape)}")
     b, T, Hq, D = q.shape
     Hkv = k.shape[2]
     n_rep = Hq // Hkv
@@ -56,10 +64,11 @@ def _scores_ref(q, k, v, window, k_fading, v_fading, fading_window, k_memory, v_
     in_ctx = (s <= tq) & (s >= 0)
     if window is not None:
         in_ctx &= s > tq - window
-    keys, values, masks = [k], [v], [in_ctx]
+    keys, values, masks, queries = [k], [v], [in_ctx], [q]
     if k_fading is not None and window is not None:
         m_f = window if fading_window is None else fading_window
         sf = key_positions(k_fading.shape[1])[:, None, :]
+        queries.append(q if q_fading is None else q_fading)
         keys.append(k_fading)
         values.append(v_fading)
         masks.append((sf <= tq - window) & (sf > tq - window - m_f) & (sf >= 0))
@@ -70,14 +79,16 @@ def _scores_ref(q, k, v, window, k_fading, v_fading, fading_window, k_memory, v_
         mem_mask = chunk_of_query[:, :, None] == torch.arange(n_chunks, device=device)[None, None, :]  # (b, T, C)
         valid = torch.ones(b, n_chunks, m_e, dtype=torch.bool, device=device) if memory_valid is None else memory_valid
         mem_mask = mem_mask[..., None] & valid[:, None, :, :]
+        queries.append(q)
         keys.append(k_memory.reshape(b, n_chunks * m_e, Hkv, D))
         values.append(v_memory.reshape(b, n_chunks * m_e, Hkv, D))
         masks.append(mem_mask.reshape(b, T, n_chunks * m_e))
 
-    K = _repeat_kv(torch.cat(keys, 1).float(), n_rep, 2)  # (b, S, Hq, D)
-    V = _repeat_kv(torch.cat(values, 1).float(), n_rep, 2)
+    V = _repeat_kv(torch.cat(values, 1).float(), n_rep, 2)  # (b, S, Hq, D)
     mask = torch.cat(masks, -1)  # (b, T, S)
-    scores = torch.einsum("bthd,bshd->bhts", q.float(), K) * scale
+    # each key set scored with its own query (q, or q_fading for the fading keys)
+    scores = torch.cat([torch.einsum("bthd,bshd->bhts", qi.float(), _repeat_kv(ki.float(), n_rep, 2))
+                        for qi, ki in zip(queries, keys)], -1) * scale
     return scores.masked_fill(~mask[:, None], float("-inf")), V
 
 
@@ -95,10 +106,12 @@ def bmojo_attention_ref(
     scale: float | None = None,
     return_lse: bool = False,
     q_start: torch.Tensor | None = None,
+    q_fading: torch.Tensor | None = None,
 ):
     """q (b, T, Hq, D); k, v (b, Tk, Hkv, D) and k_fading, v_fading (b, Tf, Hkv, D) with Tk, Tf >= T;
     k_memory, v_memory (b, chunks, m_e, Hkv, D) with memory_valid (b, chunks, m_e) bool; q_start (b,)
-    int64 (default 0).
+    int64 (default 0); q_fading (b, T, Hq, D) like q, the queries of the fading keys (default q; needs
+    fading keys).
 
     Query t (position q_start + j) sees k[s] for t-w < s <= t, k_fading[s] for t-w-m_f < s <= t-w, and
     the valid memory slots of chunk t // w (positions as in the module docstring; memory chunk c is
@@ -106,7 +119,7 @@ def bmojo_attention_ref(
     log-sum-exp of the scaled scores (b, T, Hq) in fp32.
     """
     scores, V = _scores_ref(q, k, v, window, k_fading, v_fading, fading_window, k_memory, v_memory, memory_valid,
-                            scale, q_start)
+                            scale, q_start, q_fading)
     lse = torch.logsumexp(scores, dim=-1)  # (b, Hq, T)
     p = torch.exp(scores - lse[..., None])
     o = torch.einsum("bhts,bshd->bthd", p, V).to(q.dtype)
@@ -126,15 +139,17 @@ def bmojo_attention_weights_ref(
     memory_valid: torch.Tensor | None = None,
     memory_positions: torch.Tensor | None = None,
     scale: float | None = None,
+    q_fading: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``bmojo_attention_ref``'s output and its attention weights per source position.
+    """``bmojo_attention_ref``'s output and its attention weights per source position (from position 0;
+    ``q_fading`` as there).
 
     weights[b, h, t, s] (b, Hq, T, T) fp32 is the probability mass query t puts on keys built from
     position s: its in-context key, its fading key and any memory slot holding it
     (``memory_positions`` (b, chunks, m_e), needed with memory keys). Each row sums to 1."""
     b, T, Hq, _ = q.shape
     scores, V = _scores_ref(q, k, v, window, k_fading, v_fading, fading_window, k_memory, v_memory, memory_valid,
-                            scale)
+                            scale, q_fading=q_fading)
     p = torch.softmax(scores, dim=-1)  # (b, Hq, T, S)
     o = torch.einsum("bhts,bshd->bthd", p, V).to(q.dtype)
     weights = p[..., :T].clone()
@@ -155,34 +170,42 @@ def bmojo_attention_weights_ref(
 
 
 def attention_decode_ref(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    valid: torch.Tensor | None = None,
+    q: torch.Tensor | tuple[torch.Tensor, ...],
+    k: torch.Tensor | tuple[torch.Tensor, ...],
+    v: torch.Tensor | tuple[torch.Tensor, ...],
+    valid: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
     """Attention of one new query per row over a set of cached keys (the decoding step).
 
-    q (b, Hq, D); k, v (b, S, Hkv, D); valid (b, S) bool. Returns (b, Hq, D) in q's dtype.
+    q (b, Hq, D); k, v (b, S, Hkv, D); valid (b, S) bool. k, v and valid may be tuples of segments
+    (b, S_i, ...) forming the S keys in order, and q then a tuple of one query per segment (each segment's
+    keys scored with its own query; one softmax over all). Returns (b, Hq, D) in the query's dtype.
     """
     return attention_decode_weights_ref(q, k, v, valid, scale)[0]
 
 
 def attention_decode_weights_ref(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    valid: torch.Tensor | None = None,
+    q: torch.Tensor | tuple[torch.Tensor, ...],
+    k: torch.Tensor | tuple[torch.Tensor, ...],
+    v: torch.Tensor | tuple[torch.Tensor, ...],
+    valid: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
     scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``attention_decode_ref``'s output (b, Hq, D) and its probabilities over the S keys (b, Hq, S) fp32."""
-    b, Hq, D = q.shape
-    n_rep = Hq // k.shape[2]
+    ks = tuple(k) if isinstance(k, (tuple, list)) else (k,)
+    vs = tuple(v) if isinstance(v, (tuple, list)) else (v,)
+    qs = tuple(q) if isinstance(q, (tuple, list)) else (q,) * len(ks)
+    if len(qs) != len(ks):
+        raise ValueError(f"attention_decode_ref: {len(qs)} queries for {len(ks)} key segments")
+    b, Hq, D = qs[0].shape
+    n_rep = Hq // ks[0].shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    K = _repeat_kv(k.float(), n_rep, 2)
-    V = _repeat_kv(v.float(), n_rep, 2)
-    scores = torch.einsum("bhd,bshd->bhs", q.float(), K) * scale
+    V = _repeat_kv(torch.cat(vs, 1).float(), n_rep, 2)
+    scores = torch.cat([torch.einsum("bhd,bshd->bhs", qi.float(), _repeat_kv(ki.float(), n_rep, 2))
+                        for qi, ki in zip(qs, ks)], -1) * scale
     if valid is not None:
-        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+        mask = torch.cat(tuple(valid), 1) if isinstance(valid, (tuple, list)) else valid
+        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
     p = torch.softmax(scores, dim=-1)
-    return torch.einsum("bhs,bshd->bhd", p, V).to(q.dtype), p
+    return torch.einsum("bhs,bshd->bhd", p, V).to(qs[0].dtype), p
