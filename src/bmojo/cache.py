@@ -6,6 +6,7 @@ cache); every other layer type costs the same per token at position 100 and 100,
 
 =================== ===========================================================================
 mamba               :class:`ConvSSMState`: conv (b, d_inner, d_conv-1), ssm (b, d_inner, N) fp32
+mamba2              :class:`ConvSSMState`: conv (b, x‖B‖C channels, K-1), ssm (b, heads, head_dim, N) fp32
 sliding_attention   :class:`Ring` of the last w keys/values (b, w, Hkv, D)
 bmojo_f             mamba + window ring + :class:`FadingState`: a ring of fading keys/values for the
                     m_f positions before the window, and for the window's tokens whichever is
@@ -35,7 +36,9 @@ from transformers.cache_utils import Cache
 
 # The config fields that shape a decoding state: a cache serves only models that agree on all of them.
 STATE_FIELDS = ("layer_types", "hidden_size", "num_key_value_heads", "head_dim", "sliding_window", "fading_window",
-                "memory_slots", "innovation_taps", "d_state", "d_conv", "expand", "tie_fading_kv")
+                "memory_slots", "innovation_taps", "d_state", "d_conv", "expand", "tie_fading_kv", "fading_mixer",
+                "mamba2_num_heads", "mamba2_head_dim", "mamba2_state_size", "mamba2_n_groups", "mamba2_xb_heads",
+                "mamba2_conv_kernel")
 RING_START = 64  # a ring larger than this starts at the length the first prompt needs
 
 
@@ -92,9 +95,18 @@ class ConvSSMState(RowState):
     ssm: torch.Tensor  # (b, d_inner, N) fp32
 
     @classmethod
-    def allocate(cls, config, batch: int, device, dtype) -> "ConvSSMState":
-        return cls(conv=torch.zeros(batch, config.d_inner, config.d_conv - 1, device=device, dtype=dtype),
-                   ssm=torch.zeros(batch, config.d_inner, config.d_state, device=device, dtype=torch.float32))
+    def allocate(cls, config, batch: int, device, dtype, mixer: str = "mamba") -> "ConvSSMState":
+        """A Mamba-1 mixer's state: conv (b, d_inner, d_conv-1), ssm (b, d_inner, N); a Mamba-2 mixer's:
+        conv (b, x‖B‖C channels, K-1), ssm (b, heads, head_dim, state_size)."""
+        c = config
+        if mixer == "mamba2":
+            channels = (c.mamba2_xb_heads or c.mamba2_num_heads) * c.mamba2_head_dim + \
+                ((c.mamba2_xb_heads or c.mamba2_n_groups) + c.mamba2_n_groups) * c.mamba2_state_size
+            return cls(conv=torch.zeros(batch, channels, c.mamba2_conv_kernel - 1, device=device, dtype=dtype),
+                       ssm=torch.zeros(batch, c.mamba2_num_heads, c.mamba2_head_dim, c.mamba2_state_size,
+                                       device=device, dtype=torch.float32))
+        return cls(conv=torch.zeros(batch, c.d_inner, c.d_conv - 1, device=device, dtype=dtype),
+                   ssm=torch.zeros(batch, c.d_inner, c.d_state, device=device, dtype=torch.float32))
 
 
 @dataclass
@@ -307,10 +319,11 @@ class LayerState(RowState):
             state.kv = KVCache.allocate(c, batch, max_length if max_length is not None else tokens, device, dtype,
                                         static=max_length is not None)
             return state
-        if layer_type in ("mamba", "bmojo_f", "bmojo"):
-            state.mamba = ConvSSMState.allocate(c, batch, device, dtype)
-        if layer_type == "mamba":
+        if layer_type in ("mamba", "mamba2"):
+            state.mamba = ConvSSMState.allocate(c, batch, device, dtype, layer_type)
             return state
+        if layer_type in ("bmojo_f", "bmojo"):
+            state.mamba = ConvSSMState.allocate(c, batch, device, dtype, c.fading_mixer)
         w = c.sliding_window
         state.window = Ring.allocate(w, batch, min(w, need), k=kv_shape, v=kv_shape)
         if layer_type in ("bmojo_f", "bmojo") and c.effective_fading_window > 0:

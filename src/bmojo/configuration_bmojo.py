@@ -8,9 +8,10 @@ import torch
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-LAYER_TYPES = ("attention", "sliding_attention", "mamba", "bmojo_f", "bmojo")
+LAYER_TYPES = ("attention", "sliding_attention", "mamba", "mamba2", "bmojo_f", "bmojo")
 WINDOWED_TYPES = ("sliding_attention", "bmojo_f", "bmojo")
-SSM_TYPES = ("mamba", "bmojo_f", "bmojo")
+SSM_TYPES = ("mamba", "mamba2", "bmojo_f", "bmojo")
+FADING_MIXERS = ("mamba", "mamba2")
 ATTENTION_TYPES = ("attention", "sliding_attention", "bmojo_f", "bmojo")
 # RoPE types whose frequencies change with the sequence length: a key cached at one length and the
 # same key recomputed at another would differ, so decoding could not equal the parallel forward.
@@ -25,7 +26,13 @@ _FIELD_KINDS = {
     "dt_init_floor": ("float",), "conv_bias": ("bool",), "proj_bias": ("bool",), "attention_bias": ("bool",),
     "mlp_bias": ("bool",), "rms_norm_eps": ("float",), "tie_word_embeddings": ("bool",),
     "initializer_range": ("float",), "rescale_prenorm_residual": ("bool",), "residual_in_fp32": ("bool",),
-    "backend": ("str",), "use_cache": ("bool",),
+    "backend": ("str",), "use_cache": ("bool",), "qk_norm": ("bool",), "fading_query": ("bool",),
+    "fading_mixer": ("str",), "mamba2_num_heads": ("int", "none"), "mamba2_head_dim": ("int",),
+    "mamba2_state_size": ("int",), "mamba2_n_groups": ("int",), "mamba2_expand": ("int",),
+    "mamba2_xb_heads": ("int", "none"), "mamba2_conv_kernel": ("int",), "mamba2_norm_groups": ("int", "none"),
+    "mamba2_norm_before_gate": ("bool",), "mamba2_bc_norm": ("bool",), "mamba2_bc_rope": ("bool",),
+    "mamba2_D_has_hdim": ("bool",), "mamba2_use_conv_bias": ("bool",), "mamba2_use_bias": ("bool",),
+    "mamba2_norm_eps": ("float",), "mamba2_dt_limit": ("list",), "mamba2_A_init_range": ("list",),
 }
 UNSUPPORTED_ROPE_TYPES = {
     "dynamic": "is not supported: dynamic NTK scaling recomputes the frequencies from the current length, "
@@ -43,6 +50,7 @@ class BMojoConfig(PreTrainedConfig):
     ``attention``         full causal attention (Llama-style)
     ``sliding_attention`` causal attention over the last ``sliding_window`` tokens
     ``mamba``             the Mamba-1 mixer alone
+    ``mamba2``            the Mamba-2 (SSD) mixer alone
     ``bmojo_f``           B'MOJO without eidetic memory (window + fading memory)
     ``bmojo``             B'MOJO: window + fading memory + eidetic memory
     ==================== ==========================================================
@@ -60,6 +68,16 @@ class BMojoConfig(PreTrainedConfig):
         memory_slots: ``m_e``, eidetic memory slots per ``bmojo`` layer (default 16 if any, else 0).
         innovation_taps: k, the taps of the fixed mean predictor of the SSM output.
         tie_fading_kv: fading keys/values use the in-context projections (Wk' = Wk, Wv' = Wv).
+        fading_query: fading keys are scored with their own query projection (and norms), as the authors'
+            untied B'MOJO-F (``tie_attn_weights: false``); needs ``tie_fading_kv=False``.
+        fading_mixer: the SSM of ``bmojo_f`` / ``bmojo`` layers: ``"mamba"`` (Mamba-1) or ``"mamba2"``.
+        qk_norm: Qwen3's per-head RMSNorm on queries and keys (fading keys too) before RoPE.
+        mamba2_*: the Mamba-2 mixer (``mamba2`` layers and ``fading_mixer="mamba2"``), as transformers'
+            ``Mamba2Config`` (num_heads, head_dim, state_size, n_groups, expand, conv_kernel,
+            time_step_limit -> mamba2_dt_limit, use_conv_bias, use_bias), plus the options of the authors'
+            variant: ``mamba2_xb_heads`` (x and B projected for that many heads, repeated to all heads),
+            ``mamba2_bc_norm`` (RMSNorm on B and C per head), ``mamba2_bc_rope`` (RoPE on B and C),
+            ``mamba2_norm_groups`` (groups of the gated RMSNorm; default n_groups).
         rope_theta: RoPE base; None (and no ``rope_parameters``) = no positional encoding (B'MOJO's default).
         rope_parameters: transformers' RoPE dict (``rope_type`` and its fields, e.g. ``{"rope_type": "llama3",
             "factor": 8.0, ...}``); its frequencies come from transformers' own RoPE functions. Every key,
@@ -92,6 +110,9 @@ class BMojoConfig(PreTrainedConfig):
     memory_slots: int | None = None
     innovation_taps: int = 4
     tie_fading_kv: bool = True
+    fading_query: bool = False
+    fading_mixer: str = "mamba"
+    qk_norm: bool = False
     rope_theta: float | int | None = None
     rope_parameters: dict | None = None
     max_position_embeddings: int | None = None
@@ -102,6 +123,23 @@ class BMojoConfig(PreTrainedConfig):
     dt_min: float = 0.001
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4
+    mamba2_num_heads: int | None = None
+    mamba2_head_dim: int = 64
+    mamba2_state_size: int = 64
+    mamba2_n_groups: int = 1
+    mamba2_expand: int = 2
+    mamba2_xb_heads: int | None = None
+    mamba2_conv_kernel: int = 4
+    mamba2_norm_groups: int | None = None
+    mamba2_norm_before_gate: bool = False
+    mamba2_bc_norm: bool = False
+    mamba2_bc_rope: bool = False
+    mamba2_D_has_hdim: bool = False
+    mamba2_use_conv_bias: bool = True
+    mamba2_use_bias: bool = False
+    mamba2_norm_eps: float = 1e-5
+    mamba2_dt_limit: list | tuple = (0.0, float("inf"))
+    mamba2_A_init_range: list | tuple = (1.0, 16.0)
     conv_bias: bool = True
     proj_bias: bool = False
     attention_bias: bool = False
@@ -135,6 +173,10 @@ class BMojoConfig(PreTrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.dt_rank == "auto":
             self.dt_rank = math.ceil(self.hidden_size / 16)
+        if self.mamba2_num_heads is None and self.mamba2_head_dim:
+            self.mamba2_num_heads = max(self.mamba2_expand * self.hidden_size // self.mamba2_head_dim, 1)
+        self.mamba2_dt_limit = list(self.mamba2_dt_limit)
+        self.mamba2_A_init_range = list(self.mamba2_A_init_range)
         super().__post_init__(**kwargs)
         self.layer_types = layer_types  # transformers renames legacy types ("mamba" -> "linear_attention")
         self.check()  # a plain ValueError naming the field, before transformers' own wrapped checks
@@ -223,6 +265,27 @@ class BMojoConfig(PreTrainedConfig):
     def validate_layer_type(self) -> None:
         self.check()
 
+    def _check_mamba2(self, bad) -> None:
+        H, P, N, G = self.mamba2_num_heads, self.mamba2_head_dim, self.mamba2_state_size, self.mamba2_n_groups
+        for field in ("mamba2_num_heads", "mamba2_head_dim", "mamba2_state_size", "mamba2_n_groups", "mamba2_conv_kernel"):
+            if getattr(self, field) <= 0:
+                bad(field, getattr(self, field), "must be a positive int")
+        if H % G:
+            bad("mamba2_n_groups", G, f"must divide mamba2_num_heads={H}")
+        xb = self.mamba2_xb_heads
+        if xb is not None and (xb <= 0 or H % xb):
+            bad("mamba2_xb_heads", xb, f"must be positive and divide mamba2_num_heads={H}")
+        groups = G if self.mamba2_norm_groups is None else self.mamba2_norm_groups
+        if groups <= 0 or (H * P) % groups:
+            bad("mamba2_norm_groups", self.mamba2_norm_groups, f"must divide num_heads * head_dim = {H * P}")
+        if self.mamba2_bc_rope and self.rope_parameters is None:
+            bad("mamba2_bc_rope", True, "needs RoPE (rope_theta or rope_parameters)")
+        if self.mamba2_bc_rope and N != self.head_dim:
+            bad("mamba2_state_size", N, f"must equal head_dim={self.head_dim} with mamba2_bc_rope (B, C rotate like keys)")
+        lo, hi = (list(self.mamba2_dt_limit) + [None, None])[:2]
+        if len(self.mamba2_dt_limit) != 2 or not 0 <= lo <= hi:
+            bad("mamba2_dt_limit", self.mamba2_dt_limit, "must be [low, high] with 0 <= low <= high")
+
     def _check_rope(self, bad) -> None:
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -301,6 +364,13 @@ class BMojoConfig(PreTrainedConfig):
                     bad(field, v, "must be a positive int")
             if not 0 < self.dt_min <= self.dt_max:
                 bad("dt_min", self.dt_min, f"must satisfy 0 < dt_min <= dt_max (dt_max={self.dt_max})")
+        mamba2_used = "mamba2" in types or (types & {"bmojo_f", "bmojo"} and self.fading_mixer == "mamba2")
+        if self.fading_mixer not in FADING_MIXERS:
+            bad("fading_mixer", self.fading_mixer, f"must be one of {FADING_MIXERS}")
+        if mamba2_used:
+            self._check_mamba2(bad)
+        if self.fading_query and self.tie_fading_kv:
+            bad("fading_query", self.fading_query, "needs tie_fading_kv=False (untied fading projections)")
         if self.rms_norm_eps <= 0:
             bad("rms_norm_eps", self.rms_norm_eps, "must be > 0")
         if self.backend not in ("auto", "torch", "cuda", "neuron"):

@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import tempfile
+import types
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,7 @@ from .hf_compat import CACHE_NAME, output_cache, take_cache
 from .layers.attention import BMojoAttention
 from .layers.common import BMojoMLP, BMojoRMSNorm, BMojoRotaryEmbedding, residual_add
 from .layers.mamba import BMojoMambaMixer
+from .layers.mamba2 import BMojoMamba2Mixer
 from .ops import Kernels
 
 
@@ -59,10 +61,13 @@ class BMojoDecoderLayer(nn.Module):
     def __init__(self, config: BMojoConfig, layer_idx: int, kernels: Kernels):
         super().__init__()
         self.layer_type = config.layer_types[layer_idx]
+        self.ssm_only = self.layer_type in ("mamba", "mamba2")
         self.residual_in_fp32 = config.residual_in_fp32
         self.input_layernorm = BMojoRMSNorm(config.hidden_size, config.rms_norm_eps)
         if self.layer_type == "mamba":
             self.mixer = BMojoMambaMixer(config, layer_idx, kernels)
+        elif self.layer_type == "mamba2":
+            self.mixer = BMojoMamba2Mixer(config, layer_idx, kernels)
         else:
             self.mixer = BMojoAttention(config, layer_idx, kernels)
         self.mlp = None
@@ -85,8 +90,8 @@ class BMojoDecoderLayer(nn.Module):
         """A fresh sequence: h (b, T, d) -> (b, T, d), and the mixer's attention weights (None for mamba)."""
         u, h = self._branch_input(self.input_layernorm, h)
         weights = None
-        if self.layer_type == "mamba":
-            mixed = self.mixer(u, state.mamba if state is not None else None, lengths)
+        if self.ssm_only:
+            mixed = self.mixer(u, state.mamba if state is not None else None, lengths, rope)
         else:
             mixed, weights = self.mixer(u, rope, state, lengths, output_attentions)
         return self._mlp(residual_add(h, mixed)), weights
@@ -95,8 +100,8 @@ class BMojoDecoderLayer(nn.Module):
                host_start: int | None = None):
         """T tokens after ``state``, in parallel: h (b, T, d) -> (b, T, d)."""
         u, h = self._branch_input(self.input_layernorm, h)
-        if self.layer_type == "mamba":
-            mixed = self.mixer.resume(u, state.mamba)
+        if self.ssm_only:
+            mixed = self.mixer.resume(u, state.mamba, rope)
         else:
             mixed = self.mixer.resume(u, rope, rope_window, state, start, seen, host_start)
         return self._mlp(residual_add(h, mixed))
@@ -106,8 +111,8 @@ class BMojoDecoderLayer(nn.Module):
         when asked (None for mamba)."""
         u, h = self._branch_input(self.input_layernorm, h)
         weights = None
-        if self.layer_type == "mamba":
-            mixed = self.mixer.step(u, state.mamba)
+        if self.ssm_only:
+            mixed = self.mixer.step(u, state.mamba, ctx.rope)
         else:
             mixed = self.mixer.step(u, ctx.t, ctx.rope, state, ctx.seen, ctx.rope_evicted, ctx.boundary,
                                     output_attentions)
@@ -208,7 +213,7 @@ class BMojoPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, BMojoRotaryEmbedding):  # non-persistent buffer: from_pretrained leaves it uninitialized
             init.copy_(module.inv_freq, BMojoRotaryEmbedding(self.config).inv_freq)
-        if isinstance(module, BMojoMambaMixer):
+        if isinstance(module, (BMojoMambaMixer, BMojoMamba2Mixer)):
             module.init_mamba_weights()
             init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
             if module.conv1d.bias is not None:
@@ -708,7 +713,10 @@ class CompiledDecoding:
                         torch._dynamo.mark_static_address(x)
                 for x in (cache.positions, cache.kv_slot):
                     torch._dynamo.mark_static_address(x)
-            self._fn = torch.compile(_static_step, backend=self._backend, fullgraph=True, dynamic=False)
+            # a code object of its own: torch.compile's per-code cache (and its recompile limit) then holds this
+            # model's graphs only, however many models a process decodes with
+            step = types.FunctionType(_static_step.__code__.replace(), _static_step.__globals__, "_static_step")
+            self._fn = torch.compile(step, backend=self._backend, fullgraph=True, dynamic=False)
         if self.failed is None:
             try:
                 logits = self._fn(self.model, input_ids, cache)

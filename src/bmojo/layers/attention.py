@@ -11,7 +11,9 @@ from ..cache import LayerState, fading_keeps_ssm_outputs, gather_positions
 from ..configuration_bmojo import BMojoConfig
 from .common import apply_rotary
 from .eidetic import ChunkMemory, EideticMemory
+from .common import BMojoRMSNorm, apply_rotary
 from .mamba import BMojoMambaMixer
+from .mamba2 import BMojoMamba2Mixer
 
 
 class BMojoAttention(nn.Module):
@@ -44,32 +46,50 @@ class BMojoAttention(nn.Module):
         self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=bias)
+        # Qwen3's QK-norm: per-head RMSNorm on queries and keys before RoPE (fading keys too)
+        self.q_norm = BMojoRMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = BMojoRMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.fading_query = self.use_fading and config.fading_query
         if self.use_fading:
-            self.mamba = BMojoMambaMixer(config, layer_idx, kernels)
-            if not config.tie_fading_kv:
+            mixer = BMojoMamba2Mixer if config.fading_mixer == "mamba2" else BMojoMambaMixer
+            self.mamba = mixer(config, layer_idx, kernels)
+            if not config.tie_fading_kv:  # untied: the fading keys/values (and norm) have their own weights
                 self.k_fading_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
                 self.v_fading_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+                self.k_fading_norm = BMojoRMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+            if self.fading_query:  # ... and so does the query that scores them (the authors' untied B'MOJO-F)
+                self.q_fading_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=bias)
+                self.q_fading_norm = BMojoRMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.eidetic = EideticMemory(config, kernels) if self.layer_type == "bmojo" else None
 
     # -- projections ---------------------------------------------------------------------------
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         return x.view(*x.shape[:-1], n, self.head_dim)
 
+    def _project(self, proj, norm, x, heads, rope):
+        """x (..., d) -> heads (..., heads, D): projection, optional per-head norm, then RoPE."""
+        y = self._heads(proj(x), heads)
+        if norm is not None:
+            y = norm(y)
+        return apply_rotary(y, *rope) if rope is not None else y
+
     def _qkv(self, u, rope):
-        q = self._heads(self.q_proj(u), self.num_heads)
-        k = self._heads(self.k_proj(u), self.num_kv_heads)
+        q = self._project(self.q_proj, self.q_norm, u, self.num_heads, rope)
+        k = self._project(self.k_proj, self.k_norm, u, self.num_kv_heads, rope)
         v = self._heads(self.v_proj(u), self.num_kv_heads)
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         return q, k, v
 
+    def _fading_q(self, u, rope):
+        """The query that scores the fading keys when it has its own projection (else None: q does)."""
+        if not self.fading_query:
+            return None
+        return self._project(self.q_fading_proj, self.q_fading_norm, u, self.num_heads, rope)
+
     def _fading_kv(self, f, rope):
-        k_proj = self.k_proj if self.config.tie_fading_kv else self.k_fading_proj
-        v_proj = self.v_proj if self.config.tie_fading_kv else self.v_fading_proj
-        kf = self._heads(k_proj(f), self.num_kv_heads)
-        vf = self._heads(v_proj(f), self.num_kv_heads)
-        if rope is not None:
-            kf = apply_rotary(kf, *rope)
+        tied = self.config.tie_fading_kv
+        k_proj, k_norm = (self.k_proj, self.k_norm) if tied else (self.k_fading_proj, self.k_fading_norm)
+        kf = self._project(k_proj, k_norm, f, self.num_kv_heads, rope)
+        vf = self._heads((self.v_proj if tied else self.v_fading_proj)(f), self.num_kv_heads)
         return kf, vf
 
     def _attend(self, q, k, v, kw: dict, memory: ChunkMemory | None, output_attentions: bool):
@@ -157,10 +177,12 @@ class BMojoAttention(nn.Module):
         kw = dict(window=self.window)
         f = kf = vf = memory = eps = None
         if self.use_fading:
-            f = self.mamba(u, state.mamba if state is not None else None, lengths)
+            f = self.mamba(u, state.mamba if state is not None else None, lengths, rope)
             if self.fading_window > 0:
                 kf, vf = self._fading_kv(f, rope)
                 kw.update(k_fading=kf, v_fading=vf, fading_window=self.fading_window)
+                if self.fading_query:
+                    kw.update(q_fading=self._fading_q(u, rope))
         if self.eidetic is not None:
             memory, eps = self.eidetic.select(f, k, v)
         o, weights = self._attend(q, k, v, kw, memory, output_attentions)
@@ -197,10 +219,12 @@ class BMojoAttention(nn.Module):
         kw = dict(window=w, q_start=start)
         f = f_seq = kf_seq = vf_seq = memory = eps_seq = None
         if self.use_fading:
-            f = self.mamba.resume(u, state.mamba)
+            f = self.mamba.resume(u, state.mamba, rope)
             if m_f > 0:
                 fading = state.fading
                 kf, vf = self._fading_kv(f, rope)
+                if self.fading_query:
+                    kw.update(q_fading=self._fading_q(u, rope))
                 if self.keeps_ssm_outputs:  # the window's tokens' fading keys, projected now at their positions
                     f_window = fading.window_f.ordered("f", before, n)
                     kf_w, vf_w = self._fading_kv(f_window.to(f.dtype), None if rope_window is None else
@@ -295,7 +319,7 @@ class BMojoAttention(nn.Module):
         keys, values = [state.window.k], [state.window.v]
         f = None
         if self.use_fading:
-            f = self.mamba.step(u, state.mamba)
+            f = self.mamba.step(u, state.mamba, rope)
             if m_f > 0:
                 # position t - w leaves the window and enters the fading ring: its fading key/value is
                 # projected now from its kept SSM output, or was projected on arrival and kept
@@ -311,17 +335,22 @@ class BMojoAttention(nn.Module):
                 fading.ring.write(evicted, k=kf, v=vf)  # a row still in its first window writes a slot that stays empty
                 keys.append(fading.ring.k), values.append(fading.ring.v)
                 sources.append(fading.ring.positions(evicted))
+                if self.fading_query:
+                    q_fading = self._fading_q(u[:, None], rope)[:, 0]
         if self.eidetic is not None:
             memory = state.eidetic
             self.eidetic.step(memory, state.window, f, t, boundary)
             keys.append(memory.current.k), values.append(memory.current.v)
             sources.append(memory.current.pos.masked_fill(~memory.current.valid, -1))
         valids = tuple(p >= 0 for p in sources)
+        # one query per segment when the fading keys have their own (window, fading ring, memory slots)
+        queries = q if not self.fading_query or len(keys) < 2 else \
+            tuple(q_fading if i == 1 else q for i in range(len(keys)))
         if output_attentions:
-            o, p = op_api.attention_decode_weights_ref(q, torch.cat(keys, 1), torch.cat(values, 1), torch.cat(valids, 1))
+            o, p = op_api.attention_decode_weights_ref(queries, tuple(keys), tuple(values), valids)
             return self.o_proj(o.reshape(b, -1)), (p, torch.cat(sources, 1))
         # the rings and slots are read in place as segments (no per-step copy of the cached keys)
-        o = ops.attention_decode(q, tuple(keys), tuple(values), valids)
+        o = ops.attention_decode(queries, tuple(keys), tuple(values), valids)
         return self.o_proj(o.reshape(b, -1))
 
 

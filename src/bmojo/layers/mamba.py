@@ -18,7 +18,8 @@ class BMojoMambaMixer(nn.Module):
     ``A = -exp(A_log)``, skip ``D``, gate ``silu(z)``, out_proj. State: :class:`bmojo.cache.ConvSSMState`.
 
     Three ways to run, one per :mod:`bmojo.modeling_bmojo` path: :meth:`forward` (a fresh sequence),
-    :meth:`resume` (new tokens after a state) and :meth:`step` (one token)."""
+    :meth:`resume` (new tokens after a state) and :meth:`step` (one token). ``rope`` is accepted and unused
+    (the Mamba-2 mixer, which shares this interface, may rotate B and C)."""
 
     def __init__(self, config: BMojoConfig, layer_idx: int, kernels):
         super().__init__()
@@ -65,7 +66,7 @@ class BMojoMambaMixer(nn.Module):
         return self.conv1d.weight.squeeze(1)
 
     def forward(self, u: torch.Tensor, state: ConvSSMState | None = None,
-                lengths: torch.Tensor | None = None) -> torch.Tensor:
+                lengths: torch.Tensor | None = None, rope=None) -> torch.Tensor:
         """u (b, T, d) from position 0 -> (b, T, d). A ``state`` receives the conv/SSM states after each
         row's last token. ``lengths`` (b,): row i's tokens are ``u[i, :lengths[i]]``, the rest padding
         after them (causal: it never reaches a token; the SSM state is frozen over it, dt' = 0, so the
@@ -91,7 +92,7 @@ class BMojoMambaMixer(nn.Module):
             state.conv, state.ssm = conv_state.to(state.conv.dtype).contiguous(), out[1]
         return self.out_proj(y)
 
-    def resume(self, u: torch.Tensor, state: ConvSSMState) -> torch.Tensor:
+    def resume(self, u: torch.Tensor, state: ConvSSMState, rope=None) -> torch.Tensor:
         """u (b, T, d): tokens after ``state`` -> (b, T, d); advances the state past them."""
         ops = self.kernels.on(u.device)
         x, z = self.in_proj(u).chunk(2, dim=-1)
@@ -104,7 +105,7 @@ class BMojoMambaMixer(nn.Module):
         state.conv, state.ssm = conv_state.to(state.conv.dtype).contiguous(), ssm_state
         return self.out_proj(y)
 
-    def step(self, u: torch.Tensor, state: ConvSSMState) -> torch.Tensor:
+    def step(self, u: torch.Tensor, state: ConvSSMState, rope=None) -> torch.Tensor:
         """One token: u (b, d) -> (b, d); updates the state in place."""
         ops = self.kernels.on(u.device)
         x, z = self.in_proj(u).chunk(2, dim=-1)

@@ -18,22 +18,44 @@ def _mamba_mixer_params(c: BMojoConfig) -> int:
             + di * d + (d if c.proj_bias else 0))  # out_proj
 
 
+def _mamba2_mixer_params(c: BMojoConfig) -> int:
+    d, H, P, N, G = c.hidden_size, c.mamba2_num_heads, c.mamba2_head_dim, c.mamba2_state_size, c.mamba2_n_groups
+    xb = c.mamba2_xb_heads or H
+    conv_dim = xb * P + (c.mamba2_xb_heads or G) * N + G * N
+    d_inner = H * P
+    proj_bias = c.mamba2_use_bias
+    return (d * (d_inner + conv_dim + H) + ((d_inner + conv_dim + H) if proj_bias else 0)  # in_proj
+            + conv_dim * c.mamba2_conv_kernel + (conv_dim if c.mamba2_use_conv_bias else 0)  # conv1d
+            + 2 * H + (d_inner if c.mamba2_D_has_hdim else H)  # dt_bias, A_log, D
+            + d_inner  # gated RMSNorm
+            + d_inner * d + (d if proj_bias else 0)  # out_proj
+            + (2 * N if c.mamba2_bc_norm else 0))  # B, C norms
+
+
+def _ssm_params(c: BMojoConfig, mixer: str) -> int:
+    return _mamba2_mixer_params(c) if mixer == "mamba2" else _mamba_mixer_params(c)
+
+
 def layer_param_count(config: BMojoConfig, layer_type: str) -> int:
     """Parameters of one block of ``layer_type`` under ``config`` (norms, mixer, MLP), analytically."""
     c = config
     d = c.hidden_size
     n = d  # input_layernorm
-    if layer_type == "mamba":
-        n += _mamba_mixer_params(c)
+    if layer_type in ("mamba", "mamba2"):
+        n += _ssm_params(c, layer_type)
     else:
         hq, hkv, hd, bias = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.attention_bias
         n += d * hq * hd + 2 * d * hkv * hd + hq * hd * d
         if bias:
             n += hq * hd + 2 * hkv * hd + d
+        if c.qk_norm:
+            n += 2 * hd
         if layer_type in ("bmojo_f", "bmojo"):
-            n += _mamba_mixer_params(c)
+            n += _ssm_params(c, c.fading_mixer)
             if not c.tie_fading_kv:
-                n += 2 * (d * hkv * hd + (hkv * hd if bias else 0))
+                n += 2 * (d * hkv * hd + (hkv * hd if bias else 0)) + (hd if c.qk_norm else 0)
+            if c.fading_query:
+                n += d * hq * hd + (hq * hd if bias else 0) + (hd if c.qk_norm else 0)
     if c.intermediate_size > 0:
         i = c.intermediate_size
         n += d + 3 * d * i + ((2 * i + d) if c.mlp_bias else 0)  # post_mixer_layernorm + SwiGLU
@@ -113,11 +135,18 @@ def forward_flops(config: BMojoConfig, seq_len: int) -> dict[str, int]:
     t = torch.arange(T, dtype=torch.float64)
     out = {"linear": 2 * T * d * c.vocab_size, "attention": 0, "scan": 0}
     for lt in c.layer_types:
-        if lt in ("mamba", "bmojo_f", "bmojo"):
+        mixer = lt if lt in ("mamba", "mamba2") else (c.fading_mixer if lt in ("bmojo_f", "bmojo") else None)
+        if mixer == "mamba":
             di, n, r = c.d_inner, c.d_state, c.dt_rank
             out["linear"] += 2 * T * (d * 2 * di + di * c.d_conv + di * (r + 2 * n) + r * di + di * d)
             out["scan"] += 7 * T * di * n
-        if lt != "mamba":
+        elif mixer == "mamba2":  # projections and conv; the scan as its recurrence (chunked forms trade FLOPs)
+            H, P, N = c.mamba2_num_heads, c.mamba2_head_dim, c.mamba2_state_size
+            xb, G = c.mamba2_xb_heads or H, c.mamba2_n_groups
+            conv_dim = xb * P + (c.mamba2_xb_heads or G) * N + G * N
+            out["linear"] += 2 * T * (d * (H * P + conv_dim + H) + conv_dim * c.mamba2_conv_kernel + H * P * d)
+            out["scan"] += 7 * T * H * P * N
+        if lt not in ("mamba", "mamba2"):
             out["linear"] += 2 * T * (2 * d * hq * hd + 2 * d * hkv * hd)  # q, o; k, v
             if lt == "attention":
                 keys = t + 1
