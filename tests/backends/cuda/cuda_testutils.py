@@ -1,4 +1,7 @@
 """Shared checks for tests/backends/cuda (imported by the test modules)."""
+import contextlib
+import warnings
+
 import pytest
 import torch
 
@@ -28,3 +31,15 @@ def grads(outputs, cotangents, inputs):
 
 def leaf(t, requires_grad=True):
     return t.detach().clone().requires_grad_(requires_grad)
+
+
+@contextlib.contextmanager
+def no_bmojo_warnings():
+    """Fails if bmojo warns inside the block (a fallback that should not happen). Other libraries' warnings
+    pass: Triton's interpreter turns a warning raised as an error into its own failure, and old NumPy
+    releases warn from inside it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    ours = [str(w.message) for w in caught if str(w.message).startswith("bmojo")]
+    assert not ours, f"unexpected bmojo warnings: {ours}"

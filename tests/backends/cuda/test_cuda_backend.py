@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from cuda_testutils import assert_close, triton  # noqa: F401  (skips the module without triton)
+from cuda_testutils import assert_close, no_bmojo_warnings, triton  # noqa: F401  (skips the module without triton)
 
 import bmojo.backends.cuda as cuda_backend  # noqa: E402
 import bmojo.ops as ops  # noqa: E402
@@ -78,8 +78,7 @@ def test_q_fading_runs_the_kernel_and_with_q_start_the_torch_backend(device):
     kw = dict(window=4, k_fading=kf, v_fading=vf, fading_window=3)
     fn = registry.resolve_resuming("cuda", device)
     registry._warned.clear()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with no_bmojo_warnings():
         o = ops.bmojo_attention(q, k, v, q_fading=qf, backend="cuda", **kw)
         o_table = fn(q, k, v, q_fading=qf, **kw)
     want = ops.bmojo_attention_ref(q, k, v, q_fading=qf, **kw)
@@ -176,7 +175,5 @@ def test_decoding_steps_under_autograd_fall_back_with_one_warning(device, op):
     for n, a, e in zip(names, g, g_ref):
         assert_close(a, e, torch.float32, f"d{n}")
     # without gradients the kernel runs, silently
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with torch.no_grad():
-            call(fn, inputs)
+    with no_bmojo_warnings(), torch.no_grad():
+        call(fn, inputs)
