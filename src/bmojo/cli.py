@@ -80,7 +80,7 @@ def cmd_presets(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    """Convert a Hugging Face Mamba / Llama or a mamba-ssm checkpoint into a bmojo checkpoint."""
+    """Convert a checkpoint of another library (see ``bmojo convert --help``) into a bmojo checkpoint."""
     from .convert import convert
 
     try:
@@ -90,6 +90,17 @@ def cmd_convert(args) -> int:
         raise SystemExit(f"bmojo convert: {e}") from None
     print(f"wrote {out}")
     return 0
+
+
+CONVERT_SOURCES = """sources (--from; detected from config.json by default):
+  hf-mamba      transformers MambaForCausalLM (model_type "mamba")    -> all mamba layers, no MLP
+  hf-mamba2     transformers Mamba2ForCausalLM (model_type "mamba2")  -> all mamba2 layers, no MLP
+  hf-llama      transformers LlamaForCausalLM (model_type "llama")    -> all attention layers (transformer)
+  mamba-ssm     mamba-ssm MambaLMHeadModel (config.json with d_model, n_layer; Mamba1 or Mamba2 layers)
+  hybrid-qwen3  hybrid-model-factory's hybrid_qwen3 (the authors' B'MOJO-F checkpoints): '*' -> attention,
+                'SWA' -> sliding_attention, 'BMF' -> bmojo_f with the Mamba-2 fading mixer, 'M2' -> mamba2
+Unsupported settings (GKA/GDN layers or fading mixers, LayerNorm, length-dependent RoPE, ...) are refused with
+the field named; nothing is written on error. The source must be a local directory (nothing is downloaded)."""
 
 
 def _int_list(text: str) -> list[int]:
@@ -158,10 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--write", metavar="ROOT", help="write ROOT/<member>-<size>/{config.json,README.md} instead "
                     "(the shipped checkpoints/ folders; same as python -m bmojo.presets --write ROOT)")
     pr.set_defaults(func=cmd_presets)
-    cv = sub.add_parser("convert", help="convert a HF MambaForCausalLM / LlamaForCausalLM or mamba-ssm checkpoint")
+    from .convert import FORMATS
+
+    cv = sub.add_parser("convert", help="convert a HF Mamba / Mamba-2 / Llama, mamba-ssm or hybrid_qwen3 (B'MOJO-F) "
+                        "checkpoint", description="Convert a checkpoint into a bmojo checkpoint with the same logits.",
+                        epilog=CONVERT_SOURCES, formatter_class=argparse.RawDescriptionHelpFormatter)
     cv.add_argument("source", help="checkpoint directory (config.json + safetensors), or a mamba-ssm weights file")
     cv.add_argument("output", help="directory to write the bmojo checkpoint to (must not exist unless --overwrite)")
-    cv.add_argument("--from", dest="source_format", default="auto", choices=["auto", "hf-mamba", "hf-llama", "mamba-ssm"],
+    cv.add_argument("--from", dest="source_format", default="auto", choices=["auto", *FORMATS],
                     help="source layout (default: detected from config.json)")
     cv.add_argument("--allow-pickle", action="store_true",
                     help="also read pickled .bin/.pt weights (with torch.load(weights_only=True))")
