@@ -1,15 +1,20 @@
-"""The bench runs at its smallest setting and every figure it reports is a positive number."""
+"""The bench runs at its smallest setting and every figure it reports is a positive number; its protocol
+(warm-up, rounds, medians with min-max, ratios per round), its formatting for people and where library
+warnings go (bench.log, not the console)."""
 import csv
 import io
 import json
+import logging
 import os
+import time
+import warnings
 
 import pytest
 import torch
 
 from bmojo import BMojoForCausalLM
 from bmojo.bench.measure import PeakMemory
-from bmojo.bench.run import COLUMNS, BenchSettings, run_bench
+from bmojo.bench.run import COLUMNS, BenchSettings, people_table, ratios, run_bench
 from bmojo.cli import main
 from bmojo.presets import preset_config
 
@@ -28,8 +33,10 @@ def test_quick_bench_smallest_setting(ckpt_root, tmp_path, capsys):
     assert main(["bench", "--quick", "--checkpoints", str(ckpt_root), "--contexts", "64,128",
                  "--decode-tokens", "2", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
-    header = "| " + " | ".join(COLUMNS) + " |"
-    assert header in printed
+    assert "| model | impl | backend | context | prefill tok/s | decode tok/s |" in printed
+    assert "e+0" not in printed  # no scientific notation
+    for line in ("protocol: per context", "load average", "other processes used", "AMD" if "AMD" in printed else "cores"):
+        assert line in printed, line
     rows = list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
     impls = {(r["model"], r["impl"]) for r in rows}
     assert impls == {("mamba", "bmojo"), ("mamba", "hf-MambaForCausalLM"), ("transformer", "bmojo"),
@@ -46,6 +53,15 @@ def test_quick_bench_smallest_setting(ckpt_root, tmp_path, capsys):
         assert (out / png).stat().st_size > 1000
     data = json.loads((out / "results.json").read_text())
     assert data["machine"] and len(data["rows"]) == len(rows)
+    assert data["conditions"]["load_start"] and data["conditions"]["wall_s"] > 0
+    for r in data["rows"]:  # quick mode's rounds, each a positive time; the median within min-max
+        assert len(r["prefill_rounds_s"]) == len(r["decode_rounds_s"]) == 7
+        assert r["prefill_tok_s_min"] <= r["prefill_tok_s"] <= r["prefill_tok_s_max"]
+        assert r["decode_tok_s_min"] <= r["decode_tok_s"] <= r["decode_tok_s_max"]
+    assert {(e["model"], e["context"]) for e in data["ratios"]} == {(m, c) for m in ("mamba", "transformer")
+                                                                    for c in (64, 128)}
+    assert (out / "bench.log").exists()
+    assert set(COLUMNS) <= set(rows[0])
 
 
 def test_bench_rejects_unknown_model_and_backend(ckpt_root):
@@ -118,7 +134,7 @@ def test_memory_check_uses_the_estimate_and_can_be_turned_off(ckpt_root, monkeyp
                                          r"available \(a test's 1 MiB\)"):
         run_bench(BenchSettings(checkpoints=str(ckpt_root), models=["mamba"], contexts=[64], decode_tokens=1))
     rows = run_bench(BenchSettings(checkpoints=str(ckpt_root), models=["bmojo"], contexts=[32], decode_tokens=1,
-                                   repeat=1, baselines=False, check_memory=False))
+                                   rounds=1, baselines=False, check_memory=False))
     assert len(rows) == 1
 
 
@@ -138,3 +154,127 @@ def test_memory_estimate_is_the_measured_order_of_magnitude(member):
             model(torch.randint(0, 512, (1, T)), use_cache=False)
     est = forward_activation_nbytes(config, T, 1, torch.float32)
     assert 0.7 * mem.peak <= est <= 3 * mem.peak, (est / 2**20, mem.peak / 2**20)
+
+
+# -- protocol, formatting, log -----------------------------------------------------------------------------
+
+def test_numbers_are_printed_for_people():
+    from bmojo.bench.measure import format_table, human_count, human_mib, human_seconds
+
+    assert [human_count(v) for v in (37067.0, 131_000.0, 4792.0, 612.4, 43.39, 1.2e6)] == \
+        ["37.1k", "131k", "4.8k", "612", "43.4", "1.2M"]
+    assert [human_seconds(v) for v in (0.002, 0.000412, 1.63, 200.0)] == ["2.0 ms", "412 µs", "1.6 s", "3 min 20 s"]
+    assert [human_mib(v) for v in (591.2, 11.44, 3891.0, 91.5 / 1024)] == ["591 MiB", "11.4 MiB", "3.8 GiB", "91.5 KiB"]
+    assert "e+" not in format_table([{"x": 3.707e4, "y": 1.234e9}])
+    row = dict(model="m", impl="bmojo", backend="torch", context=1024, batch=1, prefill_tok_s=37067.0,
+               prefill_tok_s_min=35012.0, prefill_tok_s_max=38020.0, decode_tok_s=500.0, decode_tok_s_min=480.0,
+               decode_tok_s_max=510.0, peak_mib=591.2, state_kib=91.5, mqar_acc=0.998, memory_floats=8192.0)
+    table = people_table([row])
+    assert "| 37.1k (35.0k–38.0k) | 500 (480–510) | 2.0 ms | 591 MiB | 91.5 KiB | 99.8% | 8192 |" in table, table
+
+
+def test_ratios_pair_the_rounds():
+    """A ratio is the median of per-round ratios (ours and theirs timed in the same round), so a round
+    where the machine was slow for both cancels out."""
+    ours = dict(model="m", impl="bmojo", backend="torch", context=64, prefill_rounds_s=[1.0, 3.0, 1.0],
+                decode_rounds_s=[2.0, 2.0, 2.0], peak_mib=10.0)
+    theirs = dict(model="m", impl="hf-X", backend="transformers", vs_backend="torch", context=64,
+                  prefill_rounds_s=[2.0, 6.0, 2.0], decode_rounds_s=[1.0, 1.0, 1.0], peak_mib=40.0)
+    (e,) = ratios([ours, theirs])
+    assert e["prefill"] == (2.0, 2.0, 2.0) and e["decode"] == (0.5, 0.5, 0.5) and e["peak_memory"] == 0.25
+
+
+def test_one_time_costs_stay_out_of_the_figures(monkeypatch):
+    """A model whose first calls are slow (at each shape: allocation, lazy setup) is warmed up before the
+    rounds: no timed round sees the slow calls."""
+    from bmojo.bench import run as R
+
+    torch.manual_seed(0)
+    model = BMojoForCausalLM(preset_config("mamba", "tiny", vocab_size=64)).eval()
+    seen = set()
+    forward = model.forward
+
+    def slow_first(input_ids=None, **kw):
+        if input_ids.shape not in seen:  # the first call at each shape pays 0.3 s
+            seen.add(input_ids.shape)
+            time.sleep(0.3)
+        return forward(input_ids=input_ids, **kw)
+
+    monkeypatch.setattr(model, "forward", slow_first)
+    subject = R._Subject("m", "bmojo", "torch", "torch", model, torch.device("cpu"), None, 1.0)
+    settings = BenchSettings(contexts=[48], decode_tokens=3, rounds=4)
+    bar = type("Bar", (), {"update": lambda self, n: None})()
+    (row,) = R._measure_context([subject], 48, settings, 64, bar)
+    assert len(row["prefill_rounds_s"]) == len(row["decode_rounds_s"]) == 4
+    assert max(row["prefill_rounds_s"]) < 0.3 and max(row["decode_rounds_s"]) < 0.3, row
+
+
+def test_library_warnings_go_to_the_log_not_the_console(ckpt_root, tmp_path, capsys, monkeypatch):
+    """transformers' deprecation and fallback messages (Python warnings and its logger) are written to
+    <output>/bench.log; the console gets the table and one line naming the log."""
+    from transformers.utils import logging as hf_logging
+
+    from bmojo.bench import run as R
+
+    accuracy = R.mqar_accuracy
+
+    def noisy(model, path):
+        warnings.warn("bench-test: a deprecated argument", FutureWarning)
+        hf_logging.get_logger("transformers.models.llama").warning("bench-test: falling back to a slow path")
+        return accuracy(model, path)
+
+    monkeypatch.setattr(R, "mqar_accuracy", noisy)
+    out = tmp_path / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning that escaped the capture would fail the command
+        assert main(["bench", "--quick", "--checkpoints", str(ckpt_root), "--models", "transformer", "--contexts", "32",
+                     "--decode-tokens", "1", "--output", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "bench-test" not in printed.out and "bench-test" not in printed.err
+    log = (out / "bench.log").read_text()
+    assert "FutureWarning" in log and "bench-test: a deprecated argument" in log
+    assert "bench-test: falling back to a slow path" in log and "transformers.models.llama" in log
+    assert "bench.log" in printed.out
+    # and the capture is undone: transformers' own handler is back, warnings are shown again
+    assert hf_logging._default_handler in logging.getLogger("transformers").handlers
+    with pytest.warns(FutureWarning):
+        warnings.warn("after", FutureWarning)
+
+
+def test_compiled_decoding_is_timed_on_request(ckpt_root, monkeypatch):
+    """compile=True adds the compiled decoding rate and the compile time (the compiler is replaced by
+    the eager graph here: the plumbing is tested, not inductor)."""
+    from bmojo.modeling_bmojo import CompiledDecoding
+
+    calls = []
+
+    def eager_backend(self, gm, example_inputs):
+        self.compiles += 1
+        calls.append(1)
+        return gm.forward
+
+    monkeypatch.setattr(CompiledDecoding, "_backend", eager_backend)
+    rows = run_bench(BenchSettings(checkpoints=str(ckpt_root), models=["bmojo"], contexts=[32, 48], decode_tokens=2,
+                                   rounds=2, baselines=False, compile=True, output=str(ckpt_root.parent / "c")))
+    assert len(calls) == 1  # one graph for every context (the cache is sized for the longest)
+    for r in rows:
+        assert r["compiled_decode_tok_s"] > 0
+    assert rows[0]["compile_s"] is not None and rows[-1]["compile_s"] is None  # compiled once, at the first context
+    assert "compiled decode tok/s" in people_table(rows)
+    assert rows.conditions["compiles"]["bmojo/torch"]["graphs"] == 1
+
+
+def test_compare_two_runs(tmp_path, capsys):
+    """python -m bmojo.bench.compare prints every ratio of two runs and the largest disagreement."""
+    from bmojo.bench.compare import main as compare_main
+
+    def run(prefill):
+        entry = dict(model="m", backend="torch", baseline="hf-X", context=64, prefill=[prefill, 1, 1],
+                     decode=[1.0, 1, 1], peak_memory=0.5)
+        return {"ratios": [entry], "conditions": {"wall_s": 1.0, "other_processes_cores": 0.0}}
+
+    for name, prefill in (("a", 10.0), ("b", 11.5)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(run(prefill)))
+    assert compare_main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert "largest disagreement between the tokens/s ratios: 15.0%" in capsys.readouterr().out

@@ -1,11 +1,15 @@
 """Timing, peak memory and table helpers for benchmarks (figures are measured, never asserted)."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
+import math
 import os
 import platform
 import threading
 import time
+import warnings
 
 import torch
 
@@ -172,17 +176,134 @@ def machine_description() -> str:
     return "; ".join(parts)
 
 
-def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
-    """Rows of dicts -> a GitHub markdown table (floats with 4 significant digits)."""
+class _Tally(logging.Filter):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record):
+        self.count += 1
+        return True
+
+
+@contextlib.contextmanager
+def library_messages_to(path: str):
+    """Inside the block, Python warnings (transformers' deprecations, torch's, bmojo's fallbacks) and
+    transformers' log records go to the file ``path`` (appended), not to the console; transformers'
+    progress bars are off. Yields a tally whose ``.count`` is the number of messages written. Everything
+    is restored on exit."""
+    from transformers.utils import logging as hf_logging
+
+    fh = open(path, "a", encoding="utf-8")
+    tally = _Tally()
+    handler = logging.StreamHandler(fh)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(name)s] %(message)s", "%H:%M:%S"))
+    handler.addFilter(tally)
+    root = hf_logging.get_logger()  # transformers' library logger, configured
+    default = getattr(hf_logging, "_default_handler", None)
+    had_default, propagate = default in root.handlers, root.propagate
+    bars = hf_logging.is_progress_bar_enabled()
+    if had_default:
+        root.removeHandler(default)
+    root.addHandler(handler)
+    root.propagate = False  # not to the root logger either (transformers propagates when CI is set)
+    if bars:
+        hf_logging.disable_progress_bar()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        tally.count += 1
+        fh.write(f"{time.strftime('%H:%M:%S')} {category.__name__} [{filename}:{lineno}] {message}\n")
+        fh.flush()
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")  # each distinct warning once per place it is raised
+            warnings.showwarning = show
+            yield tally
+    finally:
+        root.removeHandler(handler)
+        if had_default:
+            root.addHandler(default)
+        root.propagate = propagate
+        if bars:
+            hf_logging.enable_progress_bar()
+        fh.close()
+
+
+def load_average() -> str | None:
+    """The 1, 5 and 15 minute load averages of /proc/loadavg ("0.12 0.30 0.41"), None where unreadable."""
+    try:
+        with open("/proc/loadavg") as fh:
+            return " ".join(fh.read().split()[:3])
+    except OSError:
+        return None
+
+
+def _sig(v: float) -> str:
+    """Three significant digits at most and never scientific notation: 591, 37.1, 2.0, 0.45."""
+    a = abs(v)
+    if a >= 99.95:
+        return f"{v:.0f}"
+    if a >= 0.9995:
+        return f"{v:.1f}"
+    if a == 0 or a != a:
+        return f"{v:g}"
+    decimals = 1 - math.floor(math.log10(a))  # two significant digits below 1
+    return f"{v:.{decimals}f}"
+
+
+def human_count(v: float | None) -> str:
+    """A rate or count for people: 37.1k, 131k, 4.8k, 612, 1.2M (no scientific notation)."""
+    if v is None:
+        return ""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= scale * 0.9995:
+            return _sig(v / scale) + suffix
+    return _sig(v)
+
+
+def human_seconds(s: float | None) -> str:
+    """A duration for people: 2.0 ms, 412 µs, 1.6 s, 3 min 20 s."""
+    if s is None:
+        return ""
+    if s == 0:
+        return "0 s"
+    if s >= 120:
+        return f"{int(s // 60)} min {s % 60:.0f} s"
+    if s >= 0.9995:
+        return f"{_sig(s)} s"
+    if s >= 0.9995e-3:
+        return f"{_sig(s * 1e3)} ms"
+    return f"{_sig(s * 1e6)} µs"
+
+
+def human_mib(mib: float | None) -> str:
+    """A size given in MiB, for people: 591 MiB, 11.4 MiB, 3.8 GiB, 91.5 KiB."""
+    if mib is None:
+        return ""
+    n = mib * 2**20
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale * 0.9995:
+            return f"{_sig(n / scale)} {unit}"
+    return f"{n:.0f} B"
+
+
+def format_table(rows: list[dict], columns: list[str] | None = None, formats: dict | None = None) -> str:
+    """Rows of dicts -> a GitHub markdown table. ``formats`` maps a column to a function of its value
+    (e.g. :func:`human_count`); other floats get 4 significant digits, without scientific notation
+    from 10^4 up."""
     if not rows:
         return "(no rows)"
     columns = columns or list(rows[0])
+    formats = formats or {}
 
-    def fmt(v):
+    def fmt(c, v):
+        if c in formats:
+            return formats[c](v)
         if isinstance(v, float):
-            return f"{v:.4g}"
+            return f"{v:.0f}" if abs(v) >= 1e4 else f"{v:.4g}"
         return "" if v is None else str(v)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt(c, r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
