@@ -37,10 +37,23 @@ def test_shipped_presets_build_on_meta_within_10_percent():
         assert abs(n / nominal - 1) <= 0.10, f"{name}: {n:,} parameters vs nominal {nominal:,.0f}"
         assert f"{n:,}" in open(os.path.join(path, "README.md")).read(), name
         assert config.vocab_size == 50280
-        if member == "mamba":
-            assert config.intermediate_size == 0 and set(config.layer_types) == {"mamba"}
-        if member in ("swa", "hybrid", "bmojo-f", "bmojo"):
+        if member in ("mamba", "mamba2"):
+            assert config.intermediate_size == 0 and set(config.layer_types) == {member}
+        if member == "mamba2":  # mamba-ssm's Mamba2 defaults
+            assert (config.mamba2_state_size, config.mamba2_head_dim, config.mamba2_n_groups) == (128, 64, 1)
+            assert config.mamba2_num_heads * config.mamba2_head_dim == 2 * config.hidden_size
+        if member in ("swa", "hybrid", "bmojo-f", "bmojo", "bmojo-f-mamba2", "bmojo-mamba2"):
             assert config.sliding_window == 512
+        if member.endswith("-mamba2"):  # the authors' Mamba-2 fading mixer; otherwise as bmojo-f / bmojo
+            heads, hd = config.num_attention_heads, config.head_dim
+            assert (config.fading_mixer, config.qk_norm, config.mamba2_bc_norm) == ("mamba2", False, True)
+            assert (config.mamba2_num_heads, config.mamba2_head_dim, config.mamba2_state_size) == (heads, hd, hd)
+            assert (config.mamba2_n_groups, config.mamba2_xb_heads) == (heads, config.num_key_value_heads)
+            base = preset_config(member[: -len("-mamba2")], size).to_dict()
+            mine = config.to_dict()
+            differing = {k for k in base.keys() | mine.keys() if base.get(k) != mine.get(k)}
+            assert differing <= {"_name_or_path", "num_hidden_layers", "layer_types", "fading_mixer"} | {
+                k for k in mine if k.startswith("mamba2_")}, differing
 
 
 def test_regenerating_the_checkpoints_gives_the_committed_files(tmp_path):
@@ -85,7 +98,8 @@ def test_presets_keep_their_import_paths():
 def test_preset_api_keeps_tiny_and_overrides():
     c = preset_config("bmojo", "tiny", num_hidden_layers=3, backend="torch")
     assert c.num_hidden_layers == 3 and c.layer_types == ["bmojo"] * 3 and c.backend == "torch"
-    assert set(MEMBERS) == {"transformer", "swa", "mamba", "hybrid", "bmojo-f", "bmojo"}
+    assert set(MEMBERS) == {"transformer", "swa", "mamba", "hybrid", "bmojo-f", "bmojo", "mamba2", "bmojo-f-mamba2",
+                            "bmojo-mamba2"}
     with pytest.raises(ValueError, match="member"):
         preset_config("gpt", "130m")
 
@@ -94,10 +108,14 @@ def test_preset_api_keeps_tiny_and_overrides():
     dict(),
     dict(attention_bias=True, mlp_bias=True, proj_bias=True, conv_bias=False, tie_fading_kv=False,
          tie_word_embeddings=False, num_key_value_heads=2, head_dim=8),
-])
+    dict(fading_mixer="mamba2", mamba2_head_dim=8, mamba2_state_size=8, mamba2_n_groups=2),
+    dict(fading_mixer="mamba2", mamba2_num_heads=4, mamba2_head_dim=8, mamba2_state_size=8, mamba2_n_groups=4,
+         mamba2_xb_heads=2, mamba2_bc_norm=True, num_key_value_heads=2, qk_norm=True, tie_fading_kv=False,
+         fading_query=True),
+], ids=["default", "biases-untied-gqa", "mamba2-fading", "authors-mamba2-untied"])
 def test_analytic_parameter_count_matches_the_model(kw):
-    types = ["attention", "sliding_attention", "mamba", "bmojo_f", "bmojo"]
-    c = BMojoConfig(vocab_size=97, hidden_size=32, num_hidden_layers=5, layer_types=types, intermediate_size=48,
+    types = ["attention", "sliding_attention", "mamba", "mamba2", "bmojo_f", "bmojo"]
+    c = BMojoConfig(vocab_size=97, hidden_size=32, num_hidden_layers=6, layer_types=types, intermediate_size=48,
                     num_attention_heads=4, sliding_window=8, **kw)
     model = BMojoForCausalLM(c)
     assert sum(p.numel() for p in model.parameters()) == param_count(c)
@@ -140,10 +158,16 @@ def _oracle_state_nbytes(c: BMojoConfig, layer_type: str, dtype: torch.dtype) ->
     if layer_type == "attention":
         return 0, 2 * kv * a + 1  # a key, a value and a bool validity flag per token
     fixed = 0
-    if layer_type in ("mamba", "bmojo_f", "bmojo"):
+    mixer = layer_type if layer_type in ("mamba", "mamba2") else c.fading_mixer
+    if layer_type in ("mamba", "mamba2", "bmojo_f", "bmojo") and mixer == "mamba":
         fixed += c.d_inner * (c.d_conv - 1) * a  # conv state, model dtype
         fixed += c.d_inner * c.d_state * 4  # SSM state, fp32
-    if layer_type == "mamba":
+    if layer_type in ("mamba", "mamba2", "bmojo_f", "bmojo") and mixer == "mamba2":
+        H, P, N, G = c.mamba2_num_heads, c.mamba2_head_dim, c.mamba2_state_size, c.mamba2_n_groups
+        xb = c.mamba2_xb_heads or H  # x for xb heads, B for xb groups (or G), C for G groups: the conv's channels
+        fixed += (xb * P + (c.mamba2_xb_heads or G) * N + G * N) * (c.mamba2_conv_kernel - 1) * a
+        fixed += H * P * N * 4  # SSM state (heads, head_dim, state), fp32
+    if layer_type in ("mamba", "mamba2"):
         return fixed, 0
     fixed += 2 * w * kv * a  # ring of the window's keys / values
     if layer_type in ("bmojo_f", "bmojo") and m_f > 0:
@@ -166,7 +190,7 @@ def test_state_size_matches_the_hand_written_formula(member, size, dtype, kv_hea
     c = preset_config(member, size, **({} if kv_heads is None else {"num_key_value_heads": kv_heads}))
     for t in dict.fromkeys(c.layer_types):
         assert layer_state_nbytes(c, t, dtype) == _oracle_state_nbytes(c, t, dtype), (member, size, t)
-    if kv_heads == 1 and member in ("bmojo-f", "bmojo"):  # GQA: the fading keys/values branch is the one taken
+    if kv_heads == 1 and member in ("bmojo-f", "bmojo", "bmojo-f-mamba2", "bmojo-mamba2"):  # GQA: the fading keys/values branch is the one taken
         assert c.hidden_size > 2 * c.num_key_value_heads * c.head_dim
 
 
@@ -191,9 +215,14 @@ def test_recall_memory_floats_is_the_studys_budget():
     assert recall_memory_floats(hybrid, 256) == (128 * 56 + 2 * 32 * 16) / 2 == 4096
     full = BMojoConfig(**base, layer_types=["attention"] * 2)
     assert recall_memory_floats(full, 256) == 2 * 256 * 16 == 8192
+    # Mamba-2 state: heads x head_dim x state, for mamba2 layers and a Mamba-2 fading mixer alike
+    m2 = dict(mamba2_num_heads=4, mamba2_head_dim=8, mamba2_state_size=32)
+    assert recall_memory_floats(BMojoConfig(**base, layer_types=["mamba2"] * 2, **m2), 256) == 4 * 8 * 32
+    fading = BMojoConfig(**base, layer_types=["bmojo_f"] * 2, fading_mixer="mamba2", fading_window=16, **m2)
+    assert recall_memory_floats(fading, 256) == 4 * 8 * 32 + 2 * (32 + 16) * 16
 
 
-@pytest.mark.parametrize("layer_type", ["attention", "sliding_attention", "mamba", "bmojo_f", "bmojo"])
+@pytest.mark.parametrize("layer_type", ["attention", "sliding_attention", "mamba", "mamba2", "bmojo_f", "bmojo"])
 def test_forward_flops_counts_the_models_work(layer_type):
     """forward_flops (benchmarks/cpu.py's work per token): linear FLOPs equal what the model's Linear
     modules do in a forward (plus the conv and dt_proj), attention FLOPs the keys the reference's masks
@@ -217,9 +246,16 @@ def test_forward_flops_counts_the_models_work(layer_type):
     has_ssm = layer_type in ("mamba", "bmojo_f", "bmojo")
     # the depthwise conv, and dt_proj (applied with F.linear on its weight, so no hook fires)
     extra = 2 * T * config.d_inner * (config.d_conv + config.dt_rank) * has_ssm
+    if layer_type == "mamba2":  # only the depthwise conv over x|B|C is not a Linear
+        mixer = model.model.layers[0].mixer
+        extra = 2 * T * mixer.conv_dim * config.mamba2_conv_kernel
     assert got["linear"] == sum(linear) + 2 * extra  # two layers
     if layer_type == "mamba":
         assert got["attention"] == 0 and got["scan"] == 2 * 7 * T * config.d_inner * config.d_state
+        return
+    if layer_type == "mamba2":
+        H, P, N = config.mamba2_num_heads, config.mamba2_head_dim, config.mamba2_state_size
+        assert got["attention"] == 0 and got["scan"] == 2 * 7 * T * H * P * N
         return
     window = None if layer_type == "attention" else config.sliding_window
     in_ctx, fading = bmojo_visibility_masks(T, window, config.effective_fading_window)

@@ -95,12 +95,20 @@ def state_nbytes(config: BMojoConfig, dtype: torch.dtype = torch.bfloat16, token
     return total
 
 
+def _ssm_state_floats(c: BMojoConfig, mixer: str) -> int:
+    """Elements of one sequence's SSM state (not the conv state): ``d_inner N`` (Mamba-1) or
+    ``heads head_dim N`` (Mamba-2)."""
+    if mixer == "mamba2":
+        return c.mamba2_num_heads * c.mamba2_head_dim * c.mamba2_state_size
+    return c.d_inner * c.d_state
+
+
 def recall_memory_floats(config: BMojoConfig, seq_len: int) -> float:
     """The memory budget of the recall study (the x-axis of B'MOJO's Fig. 2): floats of recurrent state
     per layer that a decoder keeps for one sequence after ``seq_len`` tokens, averaged over layers.
 
     attention ``2 T Hkv Dh`` (KV cache); sliding_attention ``2 w Hkv Dh``; mamba ``d_inner N`` (SSM
-    state); bmojo_f adds ``2 (w + m_f) Hkv Dh`` to the SSM state; bmojo adds ``2 m_e Hkv Dh`` (eidetic
+    state; mamba2 ``H P N``, as a Mamba-2 fading mixer); bmojo_f adds ``2 (w + m_f) Hkv Dh`` to the SSM state; bmojo adds ``2 m_e Hkv Dh`` (eidetic
     slots). Like the paper's "SSM state + KV cache + memory" count it leaves out the conv state, the
     innovation taps and scores, the window's SSM outputs (kept to project fading keys as tokens leave
     the window), the next chunk's slots and slot positions/scores (:func:`state_nbytes` counts them).
@@ -113,7 +121,7 @@ def recall_memory_floats(config: BMojoConfig, seq_len: int) -> float:
         elif lt == "sliding_attention":
             total += config.sliding_window * kv
         else:
-            total += config.d_inner * config.d_state
+            total += _ssm_state_floats(config, lt if lt in ("mamba", "mamba2") else config.fading_mixer)
             if lt in ("bmojo_f", "bmojo"):
                 total += (config.sliding_window + config.effective_fading_window) * kv
             if lt == "bmojo":

@@ -21,6 +21,10 @@ DESCRIPTIONS = {
     "bmojo-f": "B'MOJO-F: attention over the last w tokens plus fading memory (keys/values projected "
                "from a Mamba mixer's outputs), SwiGLU MLP",
     "bmojo": "B'MOJO: B'MOJO-F plus eidetic memory (past tokens kept because they were hard to predict)",
+    "mamba2": "Mamba-2 as in mamba-ssm (its Mamba2 block's defaults), SSD mixers only, no MLP",
+    "bmojo-f-mamba2": "B'MOJO-F with the authors' Mamba-2 fading mixer (as in their released B'MOJO-F "
+                      "checkpoints: one SSM head per attention head, B/C RMSNorm), SwiGLU MLP",
+    "bmojo-mamba2": "B'MOJO with the authors' Mamba-2 fading mixer: bmojo-f-mamba2 plus eidetic memory",
 }
 assert set(DESCRIPTIONS) == set(MEMBERS)
 PRESET_FILES = ("README.md", "config.json")  # all a preset folder holds
@@ -70,7 +74,7 @@ def model_card(member: str, size: str, config: BMojoConfig | None = None) -> str
         f"- layers: {_layout(c.layer_types)}; d_model {c.hidden_size}, MLP width {c.intermediate_size or 'none'}",
         layer_lines,
     ]
-    if types - {"mamba"}:
+    if types - {"mamba", "mamba2"}:
         attn = f"- attention: {c.num_attention_heads} heads of {c.head_dim} (kv heads {c.num_key_value_heads})"
         if types & {"sliding_attention", "bmojo_f", "bmojo"}:
             attn += f", window {c.sliding_window}"
@@ -80,8 +84,18 @@ def model_card(member: str, size: str, config: BMojoConfig | None = None) -> str
             attn += f", {c.memory_slots} eidetic memory slots"
         attn += f", RoPE theta {c.rope_theta:g}" if c.rope_theta else ", no positional encoding"
         lines.append(attn)
-    if types & {"mamba", "bmojo_f", "bmojo"}:
+    fading = types & {"bmojo_f", "bmojo"}
+    if "mamba" in types or (fading and c.fading_mixer == "mamba"):
         lines.append(f"- SSM (Mamba-1): d_state {c.d_state}, d_conv {c.d_conv}, expand {c.expand}, dt_rank {c.dt_rank}")
+    if "mamba2" in types or (fading and c.fading_mixer == "mamba2"):
+        line = (f"- SSM (Mamba-2): {c.mamba2_num_heads} heads of {c.mamba2_head_dim}, d_state {c.mamba2_state_size}, "
+                f"{c.mamba2_n_groups} B/C group{'s' if c.mamba2_n_groups > 1 else ''}, "
+                f"d_conv {c.mamba2_conv_kernel}")
+        if c.mamba2_xb_heads is not None and c.mamba2_xb_heads != c.mamba2_num_heads:
+            line += f", x and B for {c.mamba2_xb_heads} heads"
+        if c.mamba2_bc_norm:
+            line += ", RMSNorm on B and C"
+        lines.append(line)
     lines.append(f"- vocabulary: {c.vocab_size} (GPT-NeoX tokenizer padded to a multiple of 8, as Mamba)")
     lines.append("- decode-time state per sequence and layer at bf16:")
     lines.extend(state)
