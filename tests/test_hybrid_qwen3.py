@@ -351,3 +351,65 @@ def test_config_defaults_are_hybridqwen3configs(tmp_path):
     assert (config.attention_bias, config.tie_word_embeddings) == (False, False)
     assert config.rope_parameters["rope_theta"] == 5e5 and config.rope_parameters["rope_type"] == "default"
     assert (config.sliding_window, config.tie_fading_kv) == (2048, True)
+
+
+# -- the 8B's sizes quoted in the README ---------------------------------------------------------------------------
+
+def _qwen3_8b_config(path, symbols, tied=True, window=2048):
+    """A hybrid_qwen3 config.json written by hand with Qwen3-8B's published sizes (no weights)."""
+    cfg = {"model_type": "hybrid_qwen3", "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288,
+           "num_hidden_layers": len(symbols), "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+           "hidden_act": "silu", "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+           "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+           "hybrid_override_pattern": "-".join(symbols)}
+    if "BMF" in symbols:
+        cfg["bmojo_config"] = {"window_size": window, "tie_attn_weights": tied, "ssm_mixer": "mamba2"}
+        cfg["mamba2_config"] = {"use_qk_norm": True, "use_pos_emb": False}
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as fh:
+        json.dump(cfg, fh)
+    from bmojo.convert import config_from_hybrid_qwen3
+
+    return config_from_hybrid_qwen3(str(path))
+
+
+def test_the_8b_numbers_in_the_readme(tmp_path):
+    """README, "Running amazon/BMOJOF-primed-HQwen3-8B-Instruct": parameters, weight bytes and decoding state
+    of Qwen3-8B's sizes with 18 '*' + 18 'BMF' layers, from bmojo.presets' accounting (the parameter count
+    checked against the model built on the meta device, and Qwen3-8B's own count)."""
+    from bmojo import BMojoForCausalLM
+    from bmojo.presets import layer_param_count, layer_state_nbytes, param_count, state_nbytes
+
+    qwen = _qwen3_8b_config(tmp_path / "qwen", ["*"] * 36)
+    hybrid = _qwen3_8b_config(tmp_path / "tied", ["*", "BMF"] * 18)
+    untied = _qwen3_8b_config(tmp_path / "untied", ["*", "BMF"] * 18, tied=False)
+    assert param_count(qwen) == 8_190_735_360  # Qwen3-8B's published 8.19B
+    with torch.device("meta"):
+        model = BMojoForCausalLM(hybrid)
+    assert sum(p.numel() for p in model.parameters()) == param_count(hybrid) == 9_250_692_288
+    assert param_count(untied) == 9_703_681_728
+    assert layer_param_count(hybrid, "bmojo_f") - layer_param_count(hybrid, "attention") == 58_886_496  # Mamba-2
+    assert layer_state_nbytes(hybrid, "attention") == (0, 4097)
+    for w in (512, 2048):
+        c = hybrid if w == 2048 else _qwen3_8b_config(tmp_path / f"w{w}", ["*", "BMF"] * 18, window=w)
+        assert layer_state_nbytes(c, "bmojo_f") == (12288 * w + 2_134_016, 0)
+    gib = lambda c, t: f"{state_nbytes(c, torch.bfloat16, t) / 2**30:.1f} GiB"  # noqa: E731
+    quoted = {
+        "9.25B": f"{param_count(hybrid) / 1e9:.2f}B", "9.70B": f"{param_count(untied) / 1e9:.2f}B",
+        "8.19B": f"{param_count(qwen) / 1e9:.2f}B", "58.9M": "58.9M",
+        "18.5 GB": f"{param_count(hybrid) * 2 / 1e9:.1f} GB", "19.4 GB": f"{param_count(untied) * 2 / 1e9:.1f} GB",
+        "37 GB": f"{param_count(hybrid) * 4 / 1e9:.0f} GB",
+        "26.0 MiB": f"{layer_state_nbytes(hybrid, 'bmojo_f')[0] / 2**20:.1f} MiB",
+        "468.6 MiB": f"{state_nbytes(hybrid, torch.bfloat16) / 2**20:.1f} MiB",
+        "72.0 KiB": f"{18 * 4097 / 2**10:.1f} KiB",
+        "0.74 GiB": f"{state_nbytes(hybrid, torch.bfloat16, 4096) / 2**30:.2f} GiB",
+        "2.7 GiB at 32K": gib(hybrid, 32768) + " at 32K", "4.5 GiB": gib(qwen, 32768),
+        "9.5 GiB": gib(hybrid, 131072), "18.0 GiB": gib(qwen, 131072),
+    }
+    for text, computed in quoted.items():
+        assert text == computed, (text, computed)
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as fh:
+        readme = fh.read()
+    section = readme[readme.index("### Running `amazon/BMOJOF-primed-HQwen3-8B-Instruct`"):]
+    for text in list(quoted) + ["12,288·w + 2,134,016", "4,097 bytes"]:
+        assert text in section, text
