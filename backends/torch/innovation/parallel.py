@@ -50,5 +50,5 @@ def innovation_scores_inplace(f: torch.Tensor, taps: int, f_history: torch.Tenso
             pred[:, :n].add_(hist[:, taps - j : taps - j + n])
         # zero history: x + 0 == x (up to the sign of a zero, which squaring removes)
     pred.div_(taps)
-    torch.sub(fp, pred, out=pred)
+    pred.neg_().add_(fp)  # fp - pred exactly, in place (out= has no autograd, which tracing can need)
     return pred.mul_(pred).mean(-1)
