@@ -26,6 +26,7 @@ TORCH_PIN = "torch==2.13.0"  # the CPU build the README's commands install; not 
 TESTS = [
     "tests/test_hf_conformance.py", "tests/test_decoding.py", "tests/test_inputs.py", "tests/test_interop.py",
     "tests/test_loading.py", "tests/test_save_load.py", "tests/test_generation_options.py", "tests/test_config.py",
+    "tests/test_compile.py",  # generate() with compile_config / a static cache
     "tests/backends/cuda",  # the Triton kernels through the interpreter, at triton's lower bound
 ]
 

@@ -50,6 +50,22 @@ def test_generate_with_a_compile_config_equals_eager(model):
     assert torch.equal(again, eager) and model._compiled_decoding.compiles == 1  # same shapes: no recompile
 
 
+@pytest.mark.parametrize("layer_types", [["sliding_attention"] * 2, ["mamba", "bmojo"]])
+def test_generate_with_a_static_cache_and_left_padding_equals_eager(layer_types):
+    """With a compileable cache generate() asks for per-layer-type 4D masks; bmojo keeps the 2D padding mask
+    (transformers 5.4 raised on unknown layer types, later releases build 4D masks for sliding_attention)."""
+    torch.manual_seed(1)
+    model = lively(BMojoForCausalLM(tiny_config(layer_types, rope_theta=10000.0, pad_token_id=PAD))).eval()
+    ids = torch.randint(0, PAD, (2, 11))
+    mask = torch.ones_like(ids)
+    ids[1, :4], mask[1, :4] = PAD, 0
+    kw = dict(attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=PAD)
+    eager = model.generate(ids, **kw)
+    static = model.generate(ids, cache_implementation="static", **kw)
+    compiled = model.generate(ids, compile_config=CompileConfig(fullgraph=True, dynamic=False), **kw)
+    assert torch.equal(static, eager) and torch.equal(compiled, eager)
+
+
 def test_a_failing_compiler_warns_once_and_decodes_eagerly(model, monkeypatch):
     def broken(self, gm, example_inputs):
         raise torch._dynamo.exc.BackendCompilerFailed(broken, RuntimeError("no C++ compiler"))

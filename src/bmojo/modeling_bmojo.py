@@ -623,6 +623,13 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         else:
             model_kwargs[CACHE_NAME] = BMojoCache(self.config)
 
+    @staticmethod
+    def create_masks_for_generate(config=None, inputs_embeds=None, attention_mask=None, *args, **kwargs):
+        """The 2D padding mask, unchanged. generate() turns it into per-layer-type 4D masks when the cache is
+        compileable; bmojo builds its own from the 2D mask, and transformers' mask functions know only some of
+        its layer types (5.4 raises on ``mamba``; later releases build 4D masks for ``sliding_attention``)."""
+        return attention_mask
+
     def _valid_auto_compile_criteria(self, model_kwargs, generation_config) -> bool:
         """Compile the decoding step when the cache is compileable (allocated at its final size) and either a
         ``compile_config`` was given (any device) or the model is on a GPU (transformers' default)."""
