@@ -678,7 +678,8 @@ def write_outputs(rows: list[dict], settings: BenchSettings, as_json: bool = Fal
             "rows": list(rows), "ratios": ratios(rows)}
     with open(os.path.join(settings.output, "results.json"), "w") as fh:
         json.dump(data, fh, indent=1)
-    plots = plot(rows, settings.output)
+    with library_messages_to(os.path.join(settings.output, LOG_NAME)):  # matplotlib's (and pyparsing's) warnings too
+        plots = plot(rows, settings.output)
     if as_json:
         return json.dumps(data)
     return (f"{header}\n\n{table}{vs_text}\n\nwrote {settings.output}/results.md, results.csv, results.json, "

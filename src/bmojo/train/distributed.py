@@ -81,6 +81,10 @@ def wrap_model(raw: torch.nn.Module, dd: DistContext) -> torch.nn.Module:
     if dd.mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        if dd.device.type == "cpu" and not hasattr(torch.cpu.Stream, "record_event"):
+            raise RuntimeError(f"distributed='fsdp' on CPU needs torch >= 2.7 (FSDP2 records events on CPU streams, "
+                               f"which torch {torch.__version__} lacks); use distributed='ddp' or a newer torch")
+
         for layer in raw.model.layers:
             fully_shard(layer)
         fully_shard(raw)
