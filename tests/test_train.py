@@ -204,3 +204,75 @@ def test_bf16_autocast_and_grad_accum_run(tmp_path):
     r = train(_cfg(tmp_path, steps=2, dtype="bfloat16", grad_accum=2))
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in r["history"])
     assert 0.0 <= r["final_eval"]["accuracy"] <= 1.0 and r["final_eval"]["total"] == 16 * 4
+
+
+def test_early_stop_decision():
+    from bmojo.train import early_stop_decision
+
+    assert early_stop_decision([0.1, 0.1, 0.1, 0.1], 0, 0.005) is None  # patience 0: never
+    assert early_stop_decision([], 3, 0.005) is None
+    assert early_stop_decision([0.1, 0.1, 0.1], 3, 0.005) is None  # two evaluations without gain so far
+    assert "patience 3" in early_stop_decision([0.1, 0.1, 0.104, 0.105], 3, 0.005)
+    # a gain of more than min_delta resets the count; the reference is the last such gain, not the running max
+    assert early_stop_decision([0.1, 0.2, 0.2, 0.2], 3, 0.005) is None
+    assert early_stop_decision([0.1, 0.103, 0.106, 0.109], 3, 0.005) is None  # small steps that add up
+    assert early_stop_decision([0.5, 0.4, 0.3, 0.2], 3, 0.005) is not None  # getting worse is no improvement
+    assert "no improvement" in early_stop_decision([0.2, 0.996], 3, 0.005)  # nothing larger than min_delta is left
+    assert early_stop_decision([0.2, 0.994], 3, 0.005) is None
+
+
+def test_early_stopping_config_is_checked():
+    with pytest.raises(ValueError, match="early_stop_patience.*eval_every"):
+        _cfg("unused", early_stop_patience=3)
+    with pytest.raises(ValueError, match="early_stop_min_delta"):
+        _cfg("unused", eval_every=1, early_stop_patience=3, early_stop_min_delta=1.5)
+    with pytest.raises(ValueError, match="early_stop_min_steps"):
+        _cfg("unused", eval_every=1, early_stop_patience=3, early_stop_min_steps=-1)
+
+
+# min_delta 0.5: no evaluation of a few steps gains 50 points, and the ceiling (accuracy > 0.5) is out of reach
+EARLY = dict(steps=8, eval_every=1, early_stop_patience=3, early_stop_min_delta=0.5, save_every=2)
+
+
+def test_early_stopping_stops_at_the_plateau_and_stays_stopped(tmp_path):
+    r = train(_cfg(tmp_path, **EARLY))
+    assert r["stopped_early"] and "patience 3" in r["stopped_early"]
+    assert [e["step"] for e in r["eval_history"]] == [1, 2, 3, 4] and len(r["history"]) == 4
+    assert r["final_eval"]["step"] == 4 and r["final_eval"]["accuracy"] == r["eval_history"][-1]["accuracy"]
+    ckpt = latest_checkpoint(str(tmp_path))
+    assert os.path.basename(ckpt) == "ckpt-0000004"  # saved where it stopped
+    assert [e["step"] for e in load_trainer_state(ckpt)["evals"]] == [1, 2, 3, 4]
+    record = json.loads((tmp_path / "final" / "eval.json").read_text())
+    assert record["step"] == 4 and "patience 3" in record["early_stop"]
+    again = train(_cfg(tmp_path, **EARLY))  # the same command: nothing more to train
+    assert again["history"] == [] and again["stopped_early"] == r["stopped_early"]
+    assert again["final_eval"]["step"] == 4
+    late = train(_cfg(tmp_path / "late", **dict(EARLY, early_stop_min_steps=6)))
+    assert late["final_eval"]["step"] == 6 and late["stopped_early"]
+    full = train(_cfg(tmp_path / "off", **dict(EARLY, early_stop_patience=0)))
+    assert full["stopped_early"] is None and full["final_eval"]["step"] == 8 and "early_stop" not in full["final_eval"]
+
+
+def test_early_stopping_decides_the_same_after_a_resume(tmp_path, monkeypatch):
+    """Killed after the checkpoint of step 2 (at the evaluation of step 3), the resumed run has the
+    evaluations of steps 1-2 back and stops where the uninterrupted run stopped, with the same scores."""
+    import bmojo.train.loop as L
+
+    whole = train(_cfg(tmp_path / "whole", **EARLY))
+    real, calls = L.evaluate, []
+
+    def dies_at_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(L, "evaluate", dies_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tmp_path / "cut", **EARLY))
+    monkeypatch.setattr(L, "evaluate", real)
+    resumed = train(_cfg(tmp_path / "cut", **EARLY))
+    assert resumed["resumed_from"].endswith("ckpt-0000002")
+    assert [e["step"] for e in resumed["evals"]] == [3, 4]
+    assert resumed["eval_history"] == whole["eval_history"]
+    assert resumed["stopped_early"] == whole["stopped_early"] and resumed["final_eval"] == whole["final_eval"]

@@ -27,10 +27,11 @@ from .checkpoint_io import (FINAL, LATEST, TRAINER_STATE, NonFiniteStateError, e
 from .config import (DTYPES, TrainConfig, add_train_arguments, build_model_config, check_model_overrides, cmd_train,
                      config_from_args)
 from .distributed import DistContext
-from .loop import TrainingDivergedError, global_batch_indices, lr_lambda, no_weight_decay, param_groups, train
+from .loop import (TrainingDivergedError, early_stop_decision, global_batch_indices, lr_lambda, no_weight_decay,
+                   param_groups, train)
 
-__all__ = ["TrainConfig", "train", "evaluate", "save_checkpoint", "latest_checkpoint", "load_trainer_state",
-           "load_model_weights", "export_final", "global_batch_indices", "lr_lambda", "no_weight_decay",
-           "param_groups", "build_model_config", "check_model_overrides", "add_train_arguments", "config_from_args",
+__all__ = ["TrainConfig", "train", "evaluate", "early_stop_decision", "save_checkpoint", "latest_checkpoint",
+           "load_trainer_state", "load_model_weights", "export_final", "global_batch_indices", "lr_lambda",
+           "no_weight_decay", "param_groups", "build_model_config", "check_model_overrides", "add_train_arguments", "config_from_args",
            "cmd_train", "TrainingDivergedError", "NonFiniteStateError", "DistContext", "DTYPES", "TRAINER_STATE",
            "LATEST", "FINAL"]

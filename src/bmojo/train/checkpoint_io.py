@@ -269,7 +269,8 @@ def export_final(raw, model_sd: dict, path: str, data_cfg: MQARConfig, eval_cfg:
                  cfg) -> None:
     """The inference export: save_pretrained files (config.json, model.safetensors,
     generation_config.json; no Python files), mqar.json (training data), eval.json (the evaluation
-    set and its result) and train_config.json, published atomically at ``path``."""
+    set and its result; ``early_stop``, the reason, when the run stopped before its ``steps``) and
+    train_config.json, published atomically at ``path``."""
     _require_finite(model_sd, path)
     parent, name = os.path.split(os.path.abspath(path))
     recover_export(path)
@@ -281,6 +282,7 @@ def export_final(raw, model_sd: dict, path: str, data_cfg: MQARConfig, eval_cfg:
         _write_json(os.path.join(tmp, "eval.json"),
                     {"eval_data": eval_cfg.to_dict(),
                      **{k: final_eval[k] for k in ("accuracy", "correct", "total", "loss", "step")},
+                     **({"early_stop": final_eval["early_stop"]} if "early_stop" in final_eval else {}),
                      "dtype": cfg.dtype})
         _write_json(os.path.join(tmp, "train_config.json"), cfg.to_dict())
         _fsync_tree(tmp)

@@ -22,7 +22,20 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 class TrainConfig:
     """One training run. ``data`` holds :class:`MQARConfig` fields of the training set; ``eval_data``
     overrides them for the evaluation set (default: ``eval_examples`` examples, seed ``data seed +
-    10007``). Invalid settings raise ``ValueError`` naming the field when the config is made."""
+    10007``). Invalid settings raise ``ValueError`` naming the field when the config is made.
+
+    Early stopping (``early_stop_patience > 0``, which needs ``eval_every > 0``): ``steps`` becomes a
+    cap. After every periodic evaluation the run stops when the evaluation accuracy has not exceeded
+    the best accuracy so far by more than ``early_stop_min_delta`` (a fraction: 0.005 is half a point)
+    for ``early_stop_patience`` evaluations in a row, or as soon as the best accuracy is above
+    ``1 - early_stop_min_delta`` (no improvement that large is left). The best accuracy that counts is
+    the one of the last evaluation that improved on it by more than ``early_stop_min_delta``, so slow
+    progress in small steps still resets the count once it adds up. The learning-rate schedule is still
+    the one of ``steps``; the run ends with a checkpoint and the ``final`` export of the model at the
+    step it stopped (not of the best evaluation; ``eval.json`` records ``early_stop``, the reason). No
+    early stop happens before step ``early_stop_min_steps`` (MQAR often sits on a plateau before a
+    sharp transition). The evaluations are kept in the checkpoints, so a resumed run takes the same
+    decision as an uninterrupted one. See :func:`bmojo.train.loop.early_stop_decision`."""
 
     output_dir: str = "runs/mqar"
     # model: a zoo member ("transformer", "swa", "mamba", "hybrid", "bmojo-f", "bmojo") or the path of
@@ -50,6 +63,9 @@ class TrainConfig:
     seed: int = 0
     # loop
     eval_every: int = 0  # steps between evaluations (0: only at the end)
+    early_stop_patience: int = 0  # evaluations without improvement before stopping (0: train all `steps`)
+    early_stop_min_delta: float = 0.005  # accuracy gain (fraction) that counts as an improvement
+    early_stop_min_steps: int = 0  # never stop early before this step (a plateau before learning starts)
     eval_batch_size: int = 64
     save_every: int = 0  # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 1
@@ -71,10 +87,12 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "eval_batch_size", "eval_examples", "keep_checkpoints"):
             if not is_int(getattr(self, name)) or getattr(self, name) <= 0:
                 bad(name, "must be a positive int")
-        for name in ("warmup_steps", "eval_every", "save_every", "log_every", "threads", "seed"):
+        for name in ("warmup_steps", "eval_every", "save_every", "log_every", "threads", "seed",
+                     "early_stop_patience", "early_stop_min_steps"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 bad(name, "must be an int >= 0")
-        for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "adam_eps", "grad_clip"):
+        for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "adam_eps", "grad_clip",
+                     "early_stop_min_delta"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 bad(name, "must be a finite number")
@@ -90,6 +108,10 @@ class TrainConfig:
                 bad(name, "must be in [0, 1)")
         if not self.adam_eps > 0:
             bad("adam_eps", "must be > 0")
+        if not 0 <= self.early_stop_min_delta < 1:
+            bad("early_stop_min_delta", "must be in [0, 1) (an accuracy fraction)")
+        if self.early_stop_patience and not self.eval_every:
+            bad("early_stop_patience", "needs eval_every > 0 (early stopping reads the periodic evaluations)")
         if self.dtype not in DTYPES:
             bad("dtype", f"must be one of {sorted(DTYPES)}")
         if self.distributed not in ("auto", "none", "ddp", "fsdp"):
@@ -245,7 +267,8 @@ _FLAGS = {  # flag -> TrainConfig field type
     "output_dir": str, "model": str, "size": str, "steps": int, "batch_size": int, "grad_accum": int,
     "lr": float, "min_lr_ratio": float, "warmup_steps": int, "weight_decay": float, "grad_clip": float,
     "dtype": str, "seed": int, "eval_every": int, "eval_batch_size": int, "eval_examples": int,
-    "save_every": int, "log_every": int, "distributed": str, "threads": int,
+    "save_every": int, "log_every": int, "distributed": str, "threads": int, "early_stop_patience": int,
+    "early_stop_min_delta": float, "early_stop_min_steps": int,
 }
 _DATA_FLAGS = {"vocab_size": int, "seq_len": int, "num_kv_pairs": int, "power_a": float, "num_examples": int,
                "data_seed": int}

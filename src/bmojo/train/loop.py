@@ -16,6 +16,13 @@ Batches and exact loss
     and FSDP average gradients over ranks. The gradient is therefore the same as one process
     computing the token-mean loss of the global batch, whatever ``W`` and ``grad_accum`` are.
 
+Early stopping
+    With ``early_stop_patience`` (see :class:`~bmojo.train.config.TrainConfig`), ``steps`` is a cap:
+    after each periodic evaluation :func:`early_stop_decision` reads every evaluation so far and the
+    run stops at that step (checkpoint, final export) when accuracy has stopped improving. The
+    evaluations are saved in the checkpoints, so a resumed run decides as an uninterrupted one, and a
+    run that had stopped stays stopped.
+
 Divergence
     Before each optimizer step the global loss and gradient norm must be finite, and before each save
     every parameter: otherwise :class:`TrainingDivergedError` names the step and the value, on every
@@ -79,6 +86,29 @@ def global_batch_indices(step: int, batch_size: int, num_examples: int, seed: in
     return torch.cat(out)
 
 
+def early_stop_decision(accuracies: list[float], patience: int, min_delta: float) -> str | None:
+    """Why a run whose evaluations so far scored ``accuracies`` (in order) should stop, or None.
+
+    The reference is the best accuracy so far, updated only by an evaluation that beats it by more than
+    ``min_delta``; the run stops after ``patience`` evaluations in a row that do not, or as soon as some
+    accuracy exceeds ``1 - min_delta`` (no gain of more than ``min_delta`` is possible any more).
+    ``patience`` 0 never stops."""
+    if not patience or not accuracies:
+        return None
+    if max(accuracies) > 1 - min_delta:
+        return f"accuracy {max(accuracies):.4f} > 1 - min_delta: no improvement of more than {min_delta:g} is left"
+    best, since = accuracies[0], 0
+    for a in accuracies[1:]:
+        if a > best + min_delta:
+            best, since = a, 0
+        else:
+            since += 1
+    if since >= patience:
+        return (f"no evaluation improved accuracy by more than {min_delta:g} over {best:.4f} in the last "
+                f"{since} evaluation(s) (patience {patience})")
+    return None
+
+
 def _log(output_dir: str, rec: dict) -> None:
     with open(os.path.join(output_dir, "log.jsonl"), "a") as fh:
         fh.write(json.dumps(rec) + "\n")
@@ -99,9 +129,11 @@ def _non_finite_parameters(raw: torch.nn.Module, dd: DistContext) -> tuple[int, 
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) ``cfg``. Returns ``history`` (one dict per step run in this call: step, loss,
-    lr, grad_norm, tokens_per_s), ``evals``, ``final_eval``, ``wall_s``, ``resumed_from`` and the
-    path of the ``final`` export. Raises :class:`TrainingDivergedError` at the first step whose loss
-    or gradient norm is not finite."""
+    lr, grad_norm, tokens_per_s), ``evals`` (the periodic evaluations of this call), ``eval_history``
+    (all of the run's, resumed ones included), ``final_eval``, ``stopped_early`` (the reason, or None
+    when the run trained all ``steps``), ``wall_s``, ``resumed_from`` and the path of the ``final``
+    export. Raises :class:`TrainingDivergedError` at the first step whose loss or gradient norm is not
+    finite."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
         set_optimizer_state_dict,
@@ -137,7 +169,7 @@ def train(cfg: TrainConfig) -> dict:
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
         # resume
-        step, history_all, resumed_from = 0, [], None
+        step, history_all, evals_all, resumed_from = 0, [], [], None
         if dd.main:
             os.makedirs(cfg.output_dir, exist_ok=True)
             clean_stale(cfg.output_dir)
@@ -158,6 +190,13 @@ def train(cfg: TrainConfig) -> dict:
             rng = state["rng"]
             torch.set_rng_state(rng[dd.rank] if dd.rank < len(rng) else rng[0])
             step, history_all, resumed_from = state["step"], list(state["history"]), ckpt
+            evals_all = list(state.get("evals", []))  # checkpoints written before early stopping have none
+
+        def stop_reason(step_now: int) -> str | None:
+            if not cfg.early_stop_patience or step_now < cfg.early_stop_min_steps:
+                return None
+            return early_stop_decision([e["accuracy"] for e in evals_all], cfg.early_stop_patience,
+                                       cfg.early_stop_min_delta)
 
         def require_finite_parameters(step_now: int, what: str) -> None:
             bad, name = _non_finite_parameters(raw, dd)
@@ -175,7 +214,7 @@ def train(cfg: TrainConfig) -> dict:
                 trainer_state = {
                     "step": step_now, "data_position": step_now * B, "batch_size": B,
                     "optimizer": optim_sd, "scheduler": sched.state_dict(), "rng": rng_states,
-                    "history": history_all, "data": data_cfg.to_dict(), "world_size": dd.world,
+                    "history": history_all, "evals": evals_all, "data": data_cfg.to_dict(), "world_size": dd.world,
                 }
                 save_checkpoint(cfg.output_dir, step_now, raw, model_sd, trainer_state, data_cfg, cfg)
             dd.barrier()
@@ -185,7 +224,8 @@ def train(cfg: TrainConfig) -> dict:
         bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.model}", unit="step",
                    disable=not (dd.main and cfg.progress), dynamic_ncols=True)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # inf: measure the norm, clip nothing
-        while step < cfg.steps:
+        stopped = stop_reason(step) if step < cfg.steps else None  # a resumed run that had stopped stays stopped
+        while step < cfg.steps and stopped is None:
             t0 = time.perf_counter()
             idx = global_batch_indices(step, B, len(data), cfg.seed)
             n_items = int((data.labels[idx, 1:] != -100).sum())
@@ -233,14 +273,24 @@ def train(cfg: TrainConfig) -> dict:
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 ev = evaluate(model, evald.inputs, evald.labels, cfg.eval_batch_size, dd, dtype) | {"step": step}
                 evals.append(ev)
+                evals_all.append(ev)
                 if dd.main:
                     bar.write(f"step {step}: eval accuracy {ev['accuracy']:.4f} loss {ev['loss']:.4f}")
                     _log(cfg.output_dir, {"eval": ev})
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+                stopped = stop_reason(step)
+                if stopped is not None and dd.main:
+                    bar.write(f"step {step}: early stop: {stopped}")
+                    _log(cfg.output_dir, {"early_stop": {"step": step, "reason": stopped}})
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stopped is not None:
                 checkpoint(step)
         bar.close()
 
-        final_eval = evaluate(model, evald.inputs, evald.labels, cfg.eval_batch_size, dd, dtype) | {"step": step}
+        if stopped is not None and evals_all and evals_all[-1]["step"] == step:
+            final_eval = dict(evals_all[-1])  # the model has not changed since this evaluation
+        else:
+            final_eval = evaluate(model, evald.inputs, evald.labels, cfg.eval_batch_size, dd, dtype) | {"step": step}
+        if stopped is not None:
+            final_eval["early_stop"] = stopped
         final_dir = os.path.join(cfg.output_dir, FINAL)
         require_finite_parameters(step, f"the export {final_dir}")
         model_sd = get_model_state_dict(raw, options=full)
@@ -248,7 +298,8 @@ def train(cfg: TrainConfig) -> dict:
             _log(cfg.output_dir, {"final_eval": final_eval})
             export_final(raw, model_sd, final_dir, data_cfg, eval_cfg, final_eval, cfg)
         dd.barrier()
-        return {"history": history, "evals": evals, "final_eval": final_eval, "resumed_from": resumed_from,
+        return {"history": history, "evals": evals, "eval_history": evals_all, "stopped_early": stopped,
+                "final_eval": final_eval, "resumed_from": resumed_from,
                 "wall_s": time.perf_counter() - t_start, "final_dir": final_dir, "world_size": dd.world,
                 "model_config": raw.config.to_dict(), "params": sum(p.numel() for p in model_sd.values())
                 if dd.main else None}
@@ -256,4 +307,4 @@ def train(cfg: TrainConfig) -> dict:
         dd.close()
 
 
-__all__ = ["TrainingDivergedError", "train", "no_weight_decay", "param_groups", "lr_lambda", "global_batch_indices"]
+__all__ = ["TrainingDivergedError", "train", "early_stop_decision", "no_weight_decay", "param_groups", "lr_lambda", "global_batch_indices"]
