@@ -224,6 +224,8 @@ def test_library_warnings_go_to_the_log_not_the_console(ckpt_root, tmp_path, cap
         return accuracy(model, path)
 
     monkeypatch.setattr(R, "mqar_accuracy", noisy)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # silenced by the caller (other test modules do): the log still gets them
     out = tmp_path / "out"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a warning that escaped the capture would fail the command
@@ -237,6 +239,8 @@ def test_library_warnings_go_to_the_log_not_the_console(ckpt_root, tmp_path, cap
     assert "bench.log" in printed.out
     # and the capture is undone: transformers' own handler is back, warnings are shown again
     assert hf_logging._default_handler in logging.getLogger("transformers").handlers
+    assert hf_logging.get_verbosity() == hf_logging.ERROR
+    hf_logging.set_verbosity(verbosity)
     with pytest.warns(FutureWarning):
         warnings.warn("after", FutureWarning)
 

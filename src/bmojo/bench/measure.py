@@ -203,6 +203,8 @@ def library_messages_to(path: str):
     default = getattr(hf_logging, "_default_handler", None)
     had_default, propagate = default in root.handlers, root.propagate
     bars = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()  # the log gets transformers' warnings even where they were silenced
     if had_default:
         root.removeHandler(default)
     root.addHandler(handler)
@@ -225,6 +227,7 @@ def library_messages_to(path: str):
         if had_default:
             root.addHandler(default)
         root.propagate = propagate
+        hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
         fh.close()
