@@ -122,6 +122,77 @@ def decode_rates(models: dict, prompts: list[int], steps: int, rounds: int) -> d
     return {key: steps / _median(ts) for key, ts in times.items()}
 
 
+def resume_rates(models: dict, prefix: int, new: int, rounds: int) -> dict:
+    """Tokens/s of a fresh ``new``-token prefill and of ``new`` tokens after a cache that has seen
+    ``prefix`` (one forward each: a chat's next turn, chunked prefill), per run; models take turns."""
+    ids = torch.randint(0, 512, (1, prefix + new))
+    times = {(run, kind): [] for run in models for kind in ("fresh", "resume")}
+    with torch.no_grad():
+        for _ in range(rounds + 1):  # the first round warms up
+            for run, model in models.items():
+                t0 = CLOCK()
+                model(ids[:, prefix:], use_cache=False)
+                fresh = CLOCK() - t0
+                name = cache_kwarg(model)
+                out = model(ids[:, :prefix], use_cache=True)
+                t0 = CLOCK()
+                model(ids[:, prefix:], use_cache=True, **{name: getattr(out, name)})
+                resumed = CLOCK() - t0
+                times[(run, "fresh")].append(fresh)
+                times[(run, "resume")].append(resumed)
+    return {key: new / _median(ts[1:]) for key, ts in times.items()}
+
+
+def padded_rates(models: dict, T: int, rounds: int) -> dict:
+    """Prefill tokens/s (real tokens) of a batch of 4 left-padded rows (T, 3T/4, T/2, T/4 tokens) in one
+    pass, and of the same 4 rows unpadded at full length, per bmojo run (transformers' twins have no
+    padded path to compare with that keeps the recurrent state per row)."""
+    ids = torch.randint(1, 512, (4, T))
+    mask = torch.ones_like(ids)
+    for i, keep in enumerate((T, 3 * T // 4, T // 2, T // 4)):
+        mask[i, : T - keep] = 0
+    real = int(mask.sum())
+    times = {(run, kind): [] for run in models for kind in ("padded", "full")}
+    with torch.no_grad():
+        for _ in range(rounds + 1):
+            for run, model in models.items():
+                t0 = CLOCK()
+                model(ids, attention_mask=mask, use_cache=True)
+                times[(run, "padded")].append(CLOCK() - t0)
+                t0 = CLOCK()
+                model(ids, use_cache=True)
+                times[(run, "full")].append(CLOCK() - t0)
+    return {key: (real if key[1] == "padded" else ids.numel()) / _median(ts[1:]) for key, ts in times.items()}
+
+
+def compiled_decode(models: dict, prompts: list[int], steps: int, rounds: int) -> tuple[dict, dict]:
+    """Decode tokens/s through the compiled step (bmojo.modeling_bmojo.CompiledDecoding, a cache at its
+    final size), per (run, prompt); and the compile seconds per run. Models take turns in each round."""
+    from bmojo import BMojoCache
+    from bmojo.modeling_bmojo import CompiledDecoding
+
+    states, compile_s = {}, {}
+    with torch.no_grad():
+        for run, model in models.items():
+            decoding = CompiledDecoding(model)
+            for P in prompts:
+                cache = BMojoCache(model.config, 1, dtype=torch.float32, max_length=P + (rounds + 2) * steps + 8)
+                token = model(torch.randint(0, 512, (1, P)), cache=cache).logits[:, -1:].argmax(-1)
+                token = decoding.step(token, cache)[:, -1:].argmax(-1)  # compiles (once per cache shape)
+                states[(run, P)] = [decoding, cache, token]
+            compile_s[run] = decoding.compile_seconds
+        times = {key: [] for key in states}
+        for _ in range(rounds):
+            for key, state in states.items():
+                decoding, cache, token = state
+                t0 = CLOCK()
+                for _ in range(steps):
+                    token = decoding.step(token, cache)[:, -1:].argmax(-1)
+                times[key].append(CLOCK() - t0)
+                state[2] = token
+    return {key: steps / _median(ts) for key, ts in times.items()}, compile_s
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
@@ -153,8 +224,12 @@ def main() -> int:
     load_start = os.getloadavg()
     rows, results = [], {}
     models = {run: build(*run) for run in runs}
+    ours = {run: m for run, m in models.items() if not run[1]}
     prefill = prefill_rates(models, prefill_T, repeat)
     decode = decode_rates(models, prompts, steps, repeat)
+    resume = resume_rates({run: m for run, m in models.items() if run != ("mamba", True)}, 512, 512, repeat)
+    padded = padded_rates(ours, 512 if args.quick else 1024, repeat)
+    compiled, compile_s = compiled_decode(ours, prompts, steps, repeat)
     for member, hf in runs:
         r = {"model": name(member, hf)}
         for T in prefill_T:
@@ -169,6 +244,24 @@ def main() -> int:
         results[(member, hf)] = r
         print(f"{r['model']}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items() if k != "model"), flush=True)
 
+    gen_rows = []
+    for member, hf in runs:
+        r = {"model": name(member, hf)}
+        for P in prompts:
+            r[f"eager ms/token after {P}"] = 1e3 / decode[((member, hf), P)]
+            r[f"compiled ms/token after {P}"] = 1e3 / compiled[((member, hf), P)] if not hf else float("nan")
+        r["compile s"] = compile_s.get((member, hf), float("nan"))
+        if (member, hf) != ("mamba", True):
+            r["fresh 512 tok/s"] = resume[((member, hf), "fresh")]
+            r["512 after 512 tok/s"] = resume[((member, hf), "resume")]
+            r["resume / fresh"] = r["512 after 512 tok/s"] / r["fresh 512 tok/s"]
+        if not hf:
+            r["padded batch tok/s"] = padded[((member, hf), "padded")]
+            r["full batch tok/s"] = padded[((member, hf), "full")]
+        gen_rows.append(r)
+        print(f"{r['model']}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items() if k != "model"), flush=True)
+    gen = {(row["model"]): row for row in gen_rows}
+
     P0, P1 = prompts
     T0 = prefill_T[0]
     bm, sw, ma, tr = results[("bmojo", False)], results[("swa", False)], results[("mamba", False)], results[("transformer", False)]
@@ -180,6 +273,20 @@ def main() -> int:
         ("bmojo decode time after long vs short prompt", f"{P1} vs {P0}", bm[f"decode tok/s after {P0}"] / bm[f"decode tok/s after {P1}"], "<= 1.2"),
         ("bmojo peak memory, longest vs half", f"T={mem_T[-1]} vs {mem_T[-2]}", bm[f"peak MiB T={mem_T[-1]}"] / max(bm[f"peak MiB T={mem_T[-2]}"], 1e-9), "<= 2.2"),
     ]
+    cm = lambda m, P: gen[m][f"compiled ms/token after {P}"]  # noqa: E731
+    hf_llama = lambda P: gen["hf LlamaForCausalLM"][f"eager ms/token after {P}"]  # noqa: E731
+    targets += [
+        ("bmojo decode ms/token vs swa (compiled)", f"after {P0}", cm("bmojo", P0) / cm("swa", P0), "<= 1.3"),
+        ("swa decode ms/token vs HF Llama", f"after {P0}", cm("swa", P0) / hf_llama(P0), "<= 1.0"),
+        ("transformer decode ms/token vs HF Llama", f"after {P0}", cm("transformer", P0) / hf_llama(P0), "<= 1.0"),
+        ("mamba decode ms/token vs HF Mamba", f"after {P0}",
+         cm("mamba", P0) / gen["hf MambaForCausalLM"][f"eager ms/token after {P0}"], "<= 0.7"),
+        ("bmojo decode speed vs HF Llama", f"after {P1}", hf_llama(P1) / cm("bmojo", P1), ">= 2.5"),
+    ]
+    for member in MEMBERS:
+        targets.append((f"{member}: 512 tokens after 512 vs a fresh 512", "tok/s", gen[member]["resume / fresh"], ">= 0.8"))
+    targets.append(("HF Llama: 512 tokens after 512 vs a fresh 512 (reference)", "tok/s",
+                    gen["hf LlamaForCausalLM"]["resume / fresh"], ">= 0.8"))
 
     def met(value, rule):
         op, bound = rule.split()
@@ -209,6 +316,22 @@ def main() -> int:
         f"attention, MLP) plus a Mamba mixer, fading key/value projections and attention over the fading "
         f"band and the slots. Measured: {bmojo_rate:.2f}x, {bmojo_rate / ceiling:.0%} of that ceiling; the rest is "
         f"mostly the Mamba mixer's elementwise work (scan, softplus, gates), which is memory bound on CPU.")
+    def step_work(member: str, P: int) -> float:  # FLOPs of the token after P (analytic, valid keys only)
+        c = models[(member, False)].config
+        return sum(forward_flops(c, P + 1).values()) - sum(forward_flops(c, P).values())
+
+    def weights(member: str) -> int:
+        return sum(p.numel() for p in models[(member, False)].parameters())
+
+    decode_text = (
+        f"What a decoding step must do, whatever the implementation (analytic, the token after {P0}): bmojo "
+        f"{step_work('bmojo', P0) / 1e6:.1f} MFLOP against swa's {step_work('swa', P0) / 1e6:.1f} "
+        f"(**{step_work('bmojo', P0) / step_work('swa', P0):.2f}x**), reading {weights('bmojo') / weights('swa'):.2f}x "
+        f"its weights (at batch 1 a step reads every weight once). A bmojo step cannot cost less than about that "
+        f"multiple of a swa step on the same machine, so the 1.3x target sits below the arithmetic floor at this "
+        f"size; the measured ratio is {cm('bmojo', P0) / cm('swa', P0):.2f}x. After {P1} tokens the full-attention "
+        f"transformer's step does {step_work('transformer', P1) / 1e6:.1f} MFLOP and bmojo's "
+        f"{step_work('bmojo', P1) / 1e6:.1f}.")
     machine = machine_description()
     load = f"load average {load_start[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end"
     if args.cpu_time:
@@ -221,6 +344,12 @@ def main() -> int:
             f"## Targets (ratios measured in this run)\n\n{format_table(target_rows)}\n\n"
             f"## Work per token (analytic: `bmojo.presets.forward_flops`) and FLOP rate reached\n\n"
             f"{format_table(work_rows)}\n\n{work_text}\n\n"
+            f"## Generation: decoding, resuming after a cache, padded batches\n\n"
+            f"Decode: {steps} greedy steps per round, eager (the model's forward, one token) and compiled "
+            f"(`CompiledDecoding`, a cache allocated at its final size; compile time apart). Resume: one forward "
+            f"of 512 new tokens after a cache of 512, against a fresh 512-token forward of the same model. Padded "
+            f"batch: 4 rows of T, 3T/4, T/2, T/4 tokens left-padded to T in one pass (real tokens/s), against the "
+            f"4 rows unpadded.\n\n{format_table(gen_rows)}\n\n{decode_text}\n\n"
             f"## All figures\n\n{format_table(rows)}\n")
     os.makedirs(RESULTS, exist_ok=True)
     suffix = ("-quick" if args.quick else "") + (f"-{args.threads}thread-cputime" if args.cpu_time else "")
