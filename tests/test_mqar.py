@@ -189,28 +189,154 @@ def test_evaluate_splits_rows_over_a_group():
     assert sum(p["correct"] for p in parts) == whole["correct"] and sum(p["total"] for p in parts) == whole["total"]
 
 
-def test_study_long_runs_reuse_each_members_learning_rate(tmp_path):
-    """benchmarks/mqar.py --long-steps: the SSM-bearing members at B1, K = 1 with the study's best lr,
-    and the report's longer-training table compares them with the same run at the study's length."""
+# -- benchmarks/mqar.py (the study's protocol; no training beyond one tiny run) ---------------------
+
+@pytest.fixture(scope="module")
+def study():
     import importlib.util
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "mqar.py")
-    spec = importlib.util.spec_from_file_location("bench_mqar", path)
-    mqar = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mqar)
+    spec = importlib.util.spec_from_file_location("bench_mqar", os.path.join(ROOT, "benchmarks", "mqar.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _record(study, spec, acc, **kw):
+    r = dict(spec, status="done", accuracy=acc, eval_loss=1.0 - acc, acc_far=acc, acc_near=acc, far_fraction=0.9,
+             steps_done=1500, stop="early", stop_reason="plateau", memory=1.0, params=1, wall_s=10.0, final_dir="-")
+    r.update(kw)
+    return r
+
+
+def _put(study, cache, spec, acc, **kw):
+    cache["runs"][spec["name"]] = _record(study, spec, acc, **kw)
+
+
+def test_study_budgets_are_filled_exactly(study):
+    """Every member's knobs fill its budget to the float (memory_floats = bmojo.presets.recall_memory_floats)."""
+    from bmojo.presets import preset_config
+
+    for member, budgets in study.KNOBS.items():
+        for budget in budgets:
+            cfg = preset_config(member, "tiny", **dict(study.run_spec(member, "K2", budget, 3e-3)["model_overrides"],
+                                                       vocab_size=64))
+            want = {"transformer": 2 * 64 * 4 * 16, "swa": 2 * study.W * 4 * 16}.get(member) or study.BUDGETS[budget]
+            assert study.memory_floats(cfg, 64) == want, (member, budget)
+
+
+def test_study_recipe_check_decides_the_settings(study):
+    """The transformer's check runs K2 and K3 first; a failing K3 brings in K1; later groups follow the
+    settings used and each member's best learning rate; the ablation sits at the largest K used."""
     cache = {"runs": {}}
-    for member, good_lr in (("mamba", 1e-2), ("hybrid", 3e-3), ("bmojo-f", 3e-3), ("bmojo", 1e-2)):
-        for lr in mqar.LRS:
-            s = mqar.run_spec(member, "B1", 1, lr, 240, 16)
-            cache["runs"][s["name"]] = dict(s, accuracy=0.9 if lr == good_lr else 0.1, eval_loss=1.0, acc_near=0.9,
-                                            acc_far=0.9, train_loss_last=1.0, wall_s=60.0)
-    assert mqar.long_specs(cache, 240, 16, 1200, kvs=(1, 4))[1]["kv"] == 4
-    long = mqar.long_specs(cache, 240, 16, 1200)  # no transformer run cached: no lr, so not run
-    assert [(s["member"], s["lr"], s["steps"], s["budget"], s["kv"]) for s in long] == [
-        ("mamba", 1e-2, 1200, "B1", 1), ("hybrid", 3e-3, 1200, "B1", 1), ("bmojo-f", 3e-3, 1200, "B1", 1),
-        ("bmojo", 1e-2, 1200, "B1", 1)]
-    cache["runs"][long[0]["name"]] = dict(long[0], accuracy=0.5, eval_loss=2.0, acc_near=0.6, acc_far=0.4,
-                                          train_loss_last=2.0, wall_s=600.0,
-                                          learned_at=mqar.learned_at([{"step": 10, "loss": 3.5}, {"step": 20, "loss": 0.9}]))
-    table = "\n".join(mqar._long_section(cache, 240, 16))
-    assert "| 1 | mamba | 1200 | 0.01 | 50.0 | 60.0 | 40.0 | 2.000 | 20 | 90.0 | 10.0 min |" in table
+    specs, blocked = study.group_specs(cache, "recipe")
+    assert [(s["setting"], s["lr"]) for s in specs] == [("K2", lr) for lr in study.LRS] + [("K3", lr) for lr in study.LRS]
+    assert blocked and study.used_settings(cache) == ([], False)
+    assert study.group_specs(cache, "sweep")[0] == [] and study.group_specs(cache, "sweep")[1]
+    for lr, acc in zip(study.LRS, (0.995, 0.5, 0.3)):
+        _put(study, cache, study.run_spec("transformer", "K2", "-", lr), acc)
+        _put(study, cache, study.run_spec("transformer", "K3", "-", lr), 0.4)  # K3: stuck on the plateau
+    cache["runs"][study.run_spec("transformer", "K3", "-", 1e-2)["name"]].update(status="diverged", accuracy=None)
+    assert study.recipe_status(cache, "K3") == "fail"
+    specs, _ = study.group_specs(cache, "recipe")
+    assert [(s["setting"], s["seed"]) for s in specs if s["seed"]] == [("K2", 1), ("K2", 2)]
+    assert "K1" in {s["setting"] for s in specs}  # K3 failed: the fallback is checked
+    for seed in (1, 2):
+        _put(study, cache, study.run_spec("transformer", "K2", "-", 3e-3, seed=seed), 0.99)
+    assert study.used_settings(cache) == (["K2"], False)  # K1 still pending
+    assert len(study.group_specs(cache, "sweep")[0]) == len(study.LRS) * len(study.SWEEP_ORDER)  # K2 can start
+    for seed, lr in ((0, 1e-3), (0, 3e-3), (0, 1e-2), (1, 1e-3), (2, 1e-3)):
+        _put(study, cache, study.run_spec("transformer", "K1", "-", lr, seed=seed), 1.0 if lr == 1e-3 else 0.98)
+    assert study.used_settings(cache) == (["K2", "K1"], True)
+
+    sweep, blocked = study.group_specs(cache, "sweep")
+    assert not blocked and len(sweep) == 2 * 3 * 5
+    assert (sweep[0]["member"], sweep[0]["setting"], sweep[0]["budget"], sweep[0]["lr"]) == ("bmojo", "K2", "B2", 3e-3)
+    assert study.group_specs(cache, "budgets")[1]  # blocked until the sweep is done
+    best = {"swa": 1e-3, "mamba": 1e-2, "hybrid": 3e-3, "bmojo-f": 1e-3, "bmojo": 3e-3}
+    for s in sweep:
+        _put(study, cache, s, 0.6 if s["lr"] == best[s["member"]] else 0.5)
+    budgets, blocked = study.group_specs(cache, "budgets")
+    assert not blocked and len(budgets) == 2 * 4 * 2
+    assert all(s["lr"] == best[s["member"]] and s["budget"] in ("B1", "B3") for s in budgets)
+    seeds, _ = study.group_specs(cache, "seeds")
+    assert len(seeds) == 2 * (1 + 4 * 3) * 2 and {s["seed"] for s in seeds} == {1, 2}
+    ablation, _ = study.group_specs(cache, "ablation")
+    assert {s["setting"] for s in ablation} == {"K2"} and len(ablation) == 2 * 3
+    assert sorted({s["model_overrides"]["memory_slots"] for s in ablation}) == [8, 32]
+    # a changed protocol leaves old records stale instead of reusing them
+    spec = sweep[0]
+    assert study.cached(cache, spec) is not None
+    assert study.cached(cache, dict(spec, data=dict(spec["data"], seq_len=128))) is None
+
+
+def test_study_parts_split_the_runs(study):
+    names = [s["name"] for g in study.full_plan().values() for s in g]
+    parts = [{n for n in names if study.in_part(n, (i, 3))} for i in (1, 2, 3)]
+    assert set().union(*parts) == set(names) and sum(map(len, parts)) == len(names) and all(parts)
+    assert study.main(["--plan"]) == 0
+
+
+def test_study_report_orderings_and_ship(study, tmp_path):
+    """The report lists what is missing, checks the orderings and plots; the earlier report is kept as
+    mqar_v1.md; --ship exports each member's best run with a card and eval.json (here to tmp_path)."""
+    from bmojo import BMojoForCausalLM
+    from bmojo.presets import preset_config
+
+    final = tmp_path / "final"  # one exported model stands for every run's final/
+    spec = study.run_spec("bmojo", "K2", "B2", 3e-3)
+    BMojoForCausalLM(preset_config("bmojo", "tiny", **dict(spec["model_overrides"], vocab_size=64))).save_pretrained(final)
+    MQARConfig(**spec["data"]).save(str(final))
+    (final / "eval.json").write_text(json.dumps({"eval_data": dict(spec["data"], num_examples=10, seed=1234),
+                                                 "accuracy": 0.9, "total": 20, "correct": 18, "loss": 0.1, "step": 1500}))
+    cache = {"runs": {}, "machine": "test"}
+    for setting in ("K2", "K3"):
+        for lr in study.LRS:
+            _put(study, cache, study.run_spec("transformer", setting, "-", lr), 1.0 if lr == 3e-3 else 0.5,
+                 final_dir=str(final))
+        for seed in (1, 2):
+            _put(study, cache, study.run_spec("transformer", setting, "-", 3e-3, seed=seed), 0.995, final_dir=str(final))
+    rank = {"swa": 0.2, "mamba": 0.4, "hybrid": 0.5, "bmojo-f": 0.6, "bmojo": 0.9}
+    for m, acc in rank.items():
+        for s in study.group_specs(cache, "sweep")[0]:
+            if s["member"] == m:
+                _put(study, cache, s, acc if s["lr"] == 3e-3 else acc / 2, final_dir=str(final), knobs=s["knobs"])
+    for s in study.group_specs(cache, "budgets")[0]:
+        _put(study, cache, s, rank[s["member"]] + (0.05 if s["budget"] == "B3" else -0.05), final_dir=str(final))
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "mqar.md").write_text("# the earlier protocol\n")
+    text = study.write_report(cache, str(results))
+    assert (results / "mqar_v1.md").read_text() == "# the earlier protocol\n"
+    assert (results / "mqar.md").read_text().startswith(study.REPORT_MARK)
+    assert (results / "mqar_fig2.png").stat().st_size > 0 and (results / "mqar_eidetic.png").exists()
+    assert "**The study is not complete**" in text and "bmojo-K2-B1-lr0.003-s1-b32-c2000" in text.split("## Recipe")[0]
+    assert "| bmojo >= bmojo-f | K2 | B2 | 90.0 vs 60.0 | holds (one seed) |" in text
+    assert "**bmojo >= bmojo-f**: holds at 6 of 6 points" in text
+    assert "- K2: **pass** (used)" in text
+    study.write_report(cache, str(results))  # a second report does not touch mqar_v1.md
+    assert (results / "mqar_v1.md").read_text() == "# the earlier protocol\n"
+
+    shipped = study.ship(cache, dest_root=str(tmp_path / "ckpt"))
+    assert len(shipped) == 6
+    card = (tmp_path / "ckpt" / "mqar-swa" / "README.md").read_text()
+    assert "did not learn this setting" in card and "tokens back" in card
+    ev = json.loads((tmp_path / "ckpt" / "mqar-bmojo" / "eval.json").read_text())
+    assert ev["setting"] == study.separating_setting(cache) and ev["stop"] == "early" and ev["steps_trained"] == 1500
+    assert not [f for f in os.listdir(tmp_path / "ckpt" / "mqar-bmojo") if f.endswith(".py")]
+
+
+def test_study_run_one_trains_stops_and_caches(study, tmp_path, monkeypatch):
+    """One real (tiny) run through the study's path: early stopping, near/far split, checkpoints removed
+    once finished, the record merged into the cache beside another one."""
+    monkeypatch.setattr(study, "TRAIN", dict(study.TRAIN, cap=6, eval_every=2, min_steps=0, eval_examples=20, batch=4,
+                                             patience=1, min_delta=0.5))
+    spec = study.run_spec("transformer", "K2", "-", 3e-3)
+    r = study.run_one(spec, str(tmp_path / "work"))
+    assert r["status"] == "done" and r["stop"] == "early" and r["steps_done"] == 4 and r["evals"][0][0] == 2
+    assert 0 <= r["acc_far"] <= 1 and r["memory"] == 8192 and r["ms_per_step"] > 0
+    left = os.listdir(tmp_path / "work" / spec["name"])
+    assert "final" in left and not [n for n in left if n.startswith("ckpt-") or n == "latest"]
+    results = str(tmp_path / "results")
+    study.update_cache(results, {"other": {"name": "other"}})
+    cache = study.update_cache(results, {r["name"]: r}, invocations=[1.0])
+    assert set(cache["runs"]) == {"other", r["name"]} and study.cached(cache, spec) == r
