@@ -61,10 +61,11 @@ Work order, parts and budget
     steps) in --workdir (default runs/mqar-v2, ignored by git). The earlier protocol's cache
     (mqar_runs.json) is left as it was; its report moves to mqar_v1.md when this one first writes mqar.md.
 
-    Estimate (``--plan``; ms per step measured during calibration on the shared 2-core machine, 1 thread):
-    114 runs if K2 and K3 pass: about 6-7 CPU-hours if a run stops after 1500 steps on average, 8.5 at
-    the minimum measured step times and 9.7 at the median ones if every run went to the 2000-step cap;
-    two runs in parallel halve the wall time. The SSM-bearing members are 3-10x slower per step than
+    Estimate (``--plan``; ms per step measured during calibration on the shared 2-core machine, 1 thread;
+    the table is in mqar_calibration.md): 114 runs if K2 and K3 pass, 6.3-7.4 CPU-hours if a run stops
+    after 1500 steps on average (minimum / median step times), 8.3-9.9 if every run went to the
+    2000-step cap; two runs in parallel halve the wall time. recipe + sweep (every member at B2, both K
+    levels, best lr) take ~1.9 CPU-hours of it. The SSM-bearing members are 3-10x slower per step than
     attention (the selective scan's backward dominates on CPU).
 """
 from __future__ import annotations
