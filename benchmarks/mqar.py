@@ -80,6 +80,7 @@ import tempfile
 import time
 import zlib
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -158,21 +159,22 @@ def model_overrides(member: str, knobs: dict) -> dict:
 
 def run_spec(member: str, setting: str, budget: str, lr: float, seed: int = 0, knobs: dict | None = None,
              tag: str = "") -> dict:
-    """Everything that determines one run. The name is the cache key; the recorded data and model
-    settings must also match for a cached run to count (a changed protocol leaves old runs stale)."""
+    """Everything that determines one run. The name is the cache key; the recorded data, model and
+    training settings must also match for a cached run to count (a changed protocol leaves old runs
+    stale, and the report counts them as missing)."""
     knobs = KNOBS[member][budget] if knobs is None else knobs
     b, cap = TRAIN["batch"], TRAIN["cap"]
     name = f"{member}-{setting}{'' if budget == '-' else '-' + budget}{tag}-lr{lr:g}-s{seed}-b{b}-c{cap}"
     data = dict(SETTINGS[setting], power_a=1.0, random_non_queries=False, seed=TRAIN["data_seed"], num_examples=cap * b)
     return dict(name=name, member=member, setting=setting, kv=SETTINGS[setting]["num_kv_pairs"], budget=budget, lr=lr,
                 seed=seed, tag=tag, knobs=knobs, model_overrides=model_overrides(member, knobs), data=data, batch=b,
-                cap=cap)
+                cap=cap, train=dict(TRAIN))
 
 
 def train_config(spec: dict, workdir: str):
     from bmojo.train import TrainConfig
 
-    t = TRAIN
+    t = spec["train"]  # the protocol travels with the spec (worker processes read nothing else)
     return TrainConfig(
         output_dir=os.path.join(workdir, spec["name"]), model=spec["member"], size="tiny",
         model_overrides=spec["model_overrides"], data=spec["data"],
@@ -193,7 +195,10 @@ def run_one(spec: dict, workdir: str) -> dict:
     from bmojo.data import MQARConfig, value_distances
     from bmojo.train import TrainingDivergedError, train
 
+    from transformers.utils import logging as hf_logging
+
     torch.set_num_threads(1)
+    hf_logging.disable_progress_bar()  # no loading bars from the workers in the study's log
     cfg = train_config(spec, workdir)
     t0 = time.perf_counter()
     try:
@@ -254,7 +259,8 @@ def update_cache(results: str, runs: dict | None = None, **fields) -> dict:
     import fcntl
 
     os.makedirs(results, exist_ok=True)
-    with open(cache_path(results) + ".lock", "w") as lock:
+    lock_name = f"bmojo-mqar-v2-{zlib.crc32(os.path.abspath(results).encode()):08x}.lock"  # outside the repository
+    with open(os.path.join(tempfile.gettempdir(), lock_name), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         cache = load_cache(results)
         cache["runs"].update(runs or {})
@@ -273,9 +279,9 @@ def update_cache(results: str, runs: dict | None = None, **fields) -> dict:
 
 
 def cached(cache: dict, spec: dict) -> dict | None:
-    """The cached record of ``spec``, if it was run with the same data and model settings."""
+    """The cached record of ``spec``, if it was run with the same data, model and training settings."""
     r = cache["runs"].get(spec["name"])
-    if r is None or r.get("model_overrides") != spec["model_overrides"] or r.get("data") != spec["data"]:
+    if r is None or any(r.get(k) != spec[k] for k in ("model_overrides", "data", "train")):
         return None
     return r
 
@@ -461,7 +467,8 @@ def plan_text(cache: dict, part=None) -> str:
 
 def run_all(specs: list[dict], results: str, workdir: str, workers: int, deadline: float | None) -> set[str]:
     """Run ``specs`` (in order, ``workers`` at a time, one thread each); each finished run is merged into
-    the cache at once. No run starts after ``deadline`` (time.time()). Returns the names attempted."""
+    the cache at once. No run starts after ``deadline`` (time.time()). A run that fails is reported and
+    left for the next invocation. Returns the names attempted (started)."""
     os.environ["OMP_NUM_THREADS"] = "1"
     attempted, queue = set(), list(specs)
     print(f"{len(queue)} runs to do, {workers} at a time", flush=True)
@@ -470,8 +477,12 @@ def run_all(specs: list[dict], results: str, workdir: str, workers: int, deadlin
         while queue or running:
             while queue and len(running) < workers and (deadline is None or time.time() < deadline):
                 s = queue.pop(0)
+                try:
+                    running[pool.submit(run_one, s, workdir)] = s
+                except BrokenProcessPool:  # a worker died (killed, out of memory): the caller starts a new pool
+                    print("the worker pool broke; the runs not started go to a new one", flush=True)
+                    return attempted
                 attempted.add(s["name"])
-                running[pool.submit(run_one, s, workdir)] = s
             if not running:
                 print(f"deadline reached; {len(queue)} runs left for the next invocation", flush=True)
                 break
@@ -603,6 +614,7 @@ def write_report(cache: dict, results: str, part=None) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    os.makedirs(results, exist_ok=True)
     used, final = used_settings(cache)
     t = TRAIN
     lines = [REPORT_MARK, "# MQAR: recall against memory budget, trained to convergence (protocol v2)", "",
@@ -631,7 +643,8 @@ def write_report(cache: dict, results: str, part=None) -> str:
         specs, blocked = group_specs(cache, g)
         todo = [s["name"] for s in specs if cached(cache, s) is None]
         missing_total += len(todo)
-        lines.append(f"- **{g}**: {len(specs) - len(todo)} of {len(specs)} named runs done"
+        lines.append(f"- **{g}**: {len(specs) - len(todo)} of {len(specs)} named runs done "
+                     f"(the plan has {len(full_plan()[g])} if K2 and K3 pass)"
                      + (f"; missing: {', '.join(todo)}" if todo else "")
                      + (f"; not yet named: {'; '.join(blocked)}" if blocked else ""))
     complete = missing_total == 0 and final and not any(group_specs(cache, g)[1] for g in GROUPS)

@@ -340,3 +340,24 @@ def test_study_run_one_trains_stops_and_caches(study, tmp_path, monkeypatch):
     study.update_cache(results, {"other": {"name": "other"}})
     cache = study.update_cache(results, {r["name"]: r}, invocations=[1.0])
     assert set(cache["runs"]) == {"other", r["name"]} and study.cached(cache, spec) == r
+    monkeypatch.undo()
+    assert study.cached(cache, study.run_spec("transformer", "K2", "-", 3e-3)) is None  # another protocol
+
+
+def test_study_runs_in_worker_processes(tmp_path, monkeypatch):
+    """The command's path: specs handed to a spawned worker (the protocol travels in the spec), results
+    merged into the cache, the report and plan written; a second call finds nothing left to do."""
+    import importlib
+    import sys
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    mqar = importlib.import_module("mqar")  # importable by name, as the spawned worker needs
+    monkeypatch.setattr(mqar, "TRAIN", dict(mqar.TRAIN, cap=4, eval_every=2, min_steps=0, eval_examples=20, batch=4))
+    specs = [mqar.run_spec("transformer", "K2", "-", lr) for lr in (3e-3, 1e-3)]
+    results, work = str(tmp_path / "results"), str(tmp_path / "work")
+    attempted = mqar.run_all(specs, results, work, workers=1, deadline=None)
+    assert attempted == {s["name"] for s in specs}
+    cache = mqar.load_cache(results)
+    assert all(mqar.cached(cache, s)["steps_done"] == 4 for s in specs)
+    assert mqar.run_all(specs, results, work, workers=1, deadline=0.0) == set()  # past the deadline: nothing starts
+    sys.modules.pop("mqar", None)
