@@ -2,7 +2,7 @@
 against its memory budget, every run trained until it stops improving.
 
     python benchmarks/mqar.py --plan                  # what is done, missing, blocked; CPU time left per group
-    python benchmarks/mqar.py --only recipe           # part 1: the transformer recipe check (~0.3 CPU-h)
+    python benchmarks/mqar.py --only recipe           # part 1: the transformer recipe check (~0.2 CPU-h)
     python benchmarks/mqar.py --only sweep            # part 2: lr sweep per member and setting at budget B2
     python benchmarks/mqar.py --only budgets          # part 3: budgets B1 and B3 at each member's best lr
     python benchmarks/mqar.py --only seeds --part 1/2 # part 4 (in halves): seeds 1 and 2 of every point
@@ -55,8 +55,8 @@ Work order, parts and budget
     lrs), ``budgets`` (B1, B3 at the best lr), ``seeds`` (seeds 1, 2 of every point), ``ablation``. A group
     runs what its dependencies allow (a member's budgets need its finished lr sweep); ``--plan`` and the
     report list what is done, missing and blocked. ``--part N/M`` takes a stable share of a group's runs
-    (by a hash of the run name), ``--hours H`` starts nothing after H hours; two invocations may run at
-    once (the cache is merged under a lock). Every finished run is cached in
+    (by a hash of the run name), ``--hours H`` starts nothing after H hours; invocations may run at the
+    same time (the cache is merged under a lock, and a run another invocation is training is skipped). Every finished run is cached in
     benchmarks/results/mqar_runs_v2.json; an interrupted run resumes from its last checkpoint (every 250
     steps) in --workdir (default runs/mqar-v2, ignored by git). The earlier protocol's cache
     (mqar_runs.json) is left as it was; its report moves to mqar_v1.md when this one first writes mqar.md.
@@ -71,6 +71,7 @@ Work order, parts and budget
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shutil
@@ -188,24 +189,60 @@ def train_config(spec: dict, workdir: str):
 
 def run_one(spec: dict, workdir: str) -> dict:
     """Train one run (resuming from its checkpoint if it has one) until it stops or hits the cap, then
-    score near / far queries on the evaluation set. A diverged run is returned with status 'diverged'."""
+    score near / far queries on the evaluation set. A diverged run is returned with status 'diverged'.
+    The run's directory is locked while it trains (another invocation gets an error and moves on), and
+    its record is also written there (record.json), so a finished run is never trained twice even if
+    the cache did not get it."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(1)
+    hf_logging.disable_progress_bar()  # no loading bars from the workers in the study's log
+    cfg = train_config(spec, workdir)
+    os.makedirs(workdir, exist_ok=True)
+    lock = open(os.path.join(workdir, spec["name"] + ".lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise RuntimeError(f"{spec['name']} is being trained by another invocation") from None
+    try:
+        return _train_and_score(spec, cfg)
+    finally:
+        lock.close()
+
+
+def _record_path(cfg) -> str:
+    return os.path.join(cfg.output_dir, "record.json")
+
+
+def _save_record(cfg, record: dict) -> dict:
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    tmp = _record_path(cfg) + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(record, fh, indent=1)
+    os.replace(tmp, _record_path(cfg))
+    return record
+
+
+def _train_and_score(spec: dict, cfg) -> dict:
     import torch
 
     from bmojo import BMojoForCausalLM
     from bmojo.data import MQARConfig, value_distances
     from bmojo.train import TrainingDivergedError, train
 
-    from transformers.utils import logging as hf_logging
-
-    torch.set_num_threads(1)
-    hf_logging.disable_progress_bar()  # no loading bars from the workers in the study's log
-    cfg = train_config(spec, workdir)
+    if os.path.exists(_record_path(cfg)):  # finished by an invocation whose result did not reach the cache
+        with open(_record_path(cfg)) as fh:
+            record = json.load(fh)
+        if all(record.get(k) == spec[k] for k in ("model_overrides", "data", "train")):
+            return record
     t0 = time.perf_counter()
     try:
         res = train(cfg)
     except TrainingDivergedError as e:
-        return dict(spec, status="diverged", error=str(e), accuracy=None, wall_s=time.perf_counter() - t0,
-                    finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+        return _save_record(cfg, dict(spec, status="diverged", error=str(e), accuracy=None,
+                                      wall_s=time.perf_counter() - t0, finished=time.strftime("%Y-%m-%d %H:%M:%S")))
     wall = time.perf_counter() - t0
     model = BMojoForCausalLM.from_pretrained(res["final_dir"]).eval()
     with open(os.path.join(res["final_dir"], "eval.json")) as fh:
@@ -220,12 +257,7 @@ def run_one(spec: dict, workdir: str) -> dict:
     far = dist >= W
     fe = res["final_eval"]
     history = res["history"]
-    for name in os.listdir(cfg.output_dir):  # keep final/ and the logs; the run is cached from here on
-        if name.startswith("ckpt-"):
-            shutil.rmtree(os.path.join(cfg.output_dir, name), ignore_errors=True)
-        elif name == "latest":
-            os.remove(os.path.join(cfg.output_dir, name))
-    return dict(
+    record = _save_record(cfg, dict(
         spec, status="done", memory=memory_floats(model.config, spec["data"]["seq_len"]),
         params=sum(p.numel() for p in model.parameters()), accuracy=fe["accuracy"], eval_loss=fe["loss"],
         steps_done=fe["step"], stop="early" if res["stopped_early"] else "cap", stop_reason=res["stopped_early"],
@@ -236,7 +268,13 @@ def run_one(spec: dict, workdir: str) -> dict:
         train_loss_last=sum(h["loss"] for h in history[-10:]) / len(history[-10:]) if history else None,
         wall_s=wall, ms_per_step=1000 * wall / max(1, len(history)), final_dir=res["final_dir"],
         resumed=res["resumed_from"] is not None, finished=time.strftime("%Y-%m-%d %H:%M:%S"),
-    )
+    ))
+    for name in os.listdir(cfg.output_dir):  # keep final/, the logs and the record: the run is finished
+        if name.startswith("ckpt-"):
+            shutil.rmtree(os.path.join(cfg.output_dir, name), ignore_errors=True)
+        elif name == "latest":
+            os.remove(os.path.join(cfg.output_dir, name))
+    return record
 
 
 # -- cache ----------------------------------------------------------------------------------------
@@ -256,8 +294,6 @@ def load_cache(results: str) -> dict:
 def update_cache(results: str, runs: dict | None = None, **fields) -> dict:
     """Merge ``runs`` (and top-level ``fields``) into the cache file under a lock, so invocations running
     at the same time keep each other's results; returns the merged cache."""
-    import fcntl
-
     os.makedirs(results, exist_ok=True)
     lock_name = f"bmojo-mqar-v2-{zlib.crc32(os.path.abspath(results).encode()):08x}.lock"  # outside the repository
     with open(os.path.join(tempfile.gettempdir(), lock_name), "w") as lock:

@@ -335,7 +335,14 @@ def test_study_run_one_trains_stops_and_caches(study, tmp_path, monkeypatch):
     assert r["status"] == "done" and r["stop"] == "early" and r["steps_done"] == 4 and r["evals"][0][0] == 2
     assert 0 <= r["acc_far"] <= 1 and r["memory"] == 8192 and r["ms_per_step"] > 0
     left = os.listdir(tmp_path / "work" / spec["name"])
-    assert "final" in left and not [n for n in left if n.startswith("ckpt-") or n == "latest"]
+    assert "final" in left and "record.json" in left and not [n for n in left if n.startswith("ckpt-") or n == "latest"]
+    assert study.run_one(spec, str(tmp_path / "work")) == r  # finished: the record is read back, nothing retrained
+    import fcntl
+
+    with open(tmp_path / "work" / (spec["name"] + ".lock"), "w") as held:  # another invocation trains it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(RuntimeError, match="another invocation"):
+            study.run_one(spec, str(tmp_path / "work"))
     results = str(tmp_path / "results")
     study.update_cache(results, {"other": {"name": "other"}})
     cache = study.update_cache(results, {r["name"]: r}, invocations=[1.0])
