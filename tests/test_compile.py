@@ -38,6 +38,28 @@ def test_compiled_step_equals_eager_for_200_tokens_with_one_graph(model):
     assert compiled_cache.get_seq_length() == eager_cache.get_seq_length() == 213
 
 
+def test_compiled_step_over_a_long_full_attention_cache_equals_eager():
+    """Over 1024+ cached keys with one query head per kv head, the compiled step takes the matrix-product
+    form of the decoding attention (see backends/torch/attention/decode.py); it must equal the eager step."""
+    torch.manual_seed(2)
+    model = lively(BMojoForCausalLM(tiny_config(["attention", "sliding_attention"], rope_theta=10000.0,
+                                                num_key_value_heads=None))).eval()
+    assert model.config.num_key_value_heads == model.config.num_attention_heads
+    ids = torch.randint(0, PAD, (2, 1030))
+    compiled_cache = BMojoCache(model.config, 2, dtype=torch.float32, max_length=1040)
+    eager_cache = BMojoCache(model.config, 2, dtype=torch.float32, max_length=1040)
+    decoding = CompiledDecoding(model)
+    with torch.no_grad():
+        token = model(ids, cache=compiled_cache).logits[:, -1:].argmax(-1)
+        model(ids, cache=eager_cache)
+        for step in range(5):
+            got = decoding.step(token, compiled_cache)
+            want = model.decode_step(token, eager_cache)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=0, msg=f"step {step}")
+            token = want[:, -1:].argmax(-1)
+    assert decoding.failed is None and decoding.compiles == 1
+
+
 def test_generate_with_a_compile_config_equals_eager(model):
     ids = torch.randint(0, PAD, (3, 9))
     kw = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=PAD)
