@@ -244,6 +244,8 @@ def main() -> int:
         results[(member, hf)] = r
         print(f"{r['model']}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items() if k != "model"), flush=True)
 
+    from bmojo.presets import forward_flops
+
     gen_rows = []
     for member, hf in runs:
         r = {"model": name(member, hf)}
@@ -255,6 +257,9 @@ def main() -> int:
             r["fresh 512 tok/s"] = resume[((member, hf), "fresh")]
             r["512 after 512 tok/s"] = resume[((member, hf), "resume")]
             r["resume / fresh"] = r["512 after 512 tok/s"] / r["fresh 512 tok/s"]
+            c = models[(member, False)].config  # at equal FLOP rates, fresh / resumed work bounds the ratio
+            work = lambda T: sum(forward_flops(c, T).values())  # noqa: E731
+            r["resume / fresh at equal FLOP rate"] = work(512) / (work(1024) - work(512))
         if not hf:
             r["padded batch tok/s"] = padded[((member, hf), "padded")]
             r["full batch tok/s"] = padded[((member, hf), "full")]
@@ -295,7 +300,6 @@ def main() -> int:
     target_rows = [{"target": t, "at": at, "ratio": v, "goal": g, "met": "yes" if met(v, g) else "NO"} for t, at, v, g in targets]
 
     # work per token (analytic): what each model could reach at a given FLOP rate
-    from bmojo.presets import forward_flops
 
     work_rows, flops = [], {}
     for member, hf in runs:
