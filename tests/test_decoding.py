@@ -1,4 +1,4 @@
-"""Step-by-step decoding reproduces the parallel forward (SPEC 1.3), and greedy generate() equals
+"""Step-by-step decoding reproduces the parallel forward (docs/design.md, "Decoding state"), and greedy generate() equals
 argmax decoding of the parallel forward."""
 import pytest
 import torch

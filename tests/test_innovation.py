@@ -1,4 +1,4 @@
-"""Eidetic memory selection (SPEC 1.1 steps 3-4)."""
+"""Eidetic memory selection (docs/design.md, "The layer", steps 3-4)."""
 import pytest
 import torch
 

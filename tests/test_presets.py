@@ -1,4 +1,4 @@
-"""Zoo presets (SPEC 1.2): the shipped checkpoints/<preset>/ configs, their sizes, the analytic
+"""Zoo presets (docs/design.md, "The model family"): the shipped checkpoints/<preset>/ configs, their sizes, the analytic
 parameter and decode-state counts behind `bmojo presets`, and the CLI table."""
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ def test_analytic_parameter_count_matches_the_model(kw):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("member", MEMBERS)
 def test_analytic_state_size_matches_the_cache(member, dtype, kv_heads):
-    """`bmojo presets` computes state sizes from the config (SPEC 1.3); BMojoCache holds the same. With
+    """`bmojo presets` computes state sizes from the config (docs/design.md, "Decoding state"); BMojoCache holds the same. With
     GQA (2 Hkv D < d) fading layers keep the window's fading keys/values instead of its SSM outputs."""
     torch.manual_seed(0)
     gqa = {} if kv_heads is None else {"num_key_value_heads": kv_heads}
@@ -150,7 +150,7 @@ def test_analytic_state_size_matches_the_cache(member, dtype, kv_heads):
 
 
 def _oracle_state_nbytes(c: BMojoConfig, layer_type: str, dtype: torch.dtype) -> tuple[int, int]:
-    """The decode-time state of one layer for one sequence, written out by hand from SPEC 1.3 (this test's
+    """The decode-time state of one layer for one sequence, written out by hand from docs/design.md, "Decoding state" (this test's
     own oracle, independent of bmojo.cache): (fixed bytes, bytes per token)."""
     a = torch.empty((), dtype=dtype).element_size()
     kv = c.num_key_value_heads * c.head_dim  # one key (or one value) per token, elements

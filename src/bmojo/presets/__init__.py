@@ -1,4 +1,4 @@
-"""The zoo's presets (SPEC 1.2), in three parts:
+"""The zoo's presets (docs/design.md, "The model family"), in three parts:
 
 * :mod:`bmojo.presets.recipes` — the members, the paper's sizes and :func:`preset_config`;
 * :mod:`bmojo.presets.accounting` — what a config costs: parameters, decode-time state, FLOPs and the

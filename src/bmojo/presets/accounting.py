@@ -87,7 +87,7 @@ def layer_state_nbytes(config: BMojoConfig, layer_type: str, dtype: torch.dtype 
 
 
 def state_nbytes(config: BMojoConfig, dtype: torch.dtype = torch.bfloat16, tokens: int = 0) -> int:
-    """Decode-time state of the whole model for one sequence after ``tokens`` tokens (SPEC 1.3)."""
+    """Decode-time state of the whole model for one sequence after ``tokens`` tokens (docs/design.md, "Decoding state")."""
     total = 0
     for t in config.layer_types:
         fixed, per_token = layer_state_nbytes(config, t, dtype)

@@ -102,7 +102,7 @@ def model_card(member: str, size: str, config: BMojoConfig | None = None) -> str
     body = "\n".join(lines)
     return f"""# bmojo `{name}`
 
-The `{member}` member of the bmojo zoo at the {size.upper()} scale (SPEC 1.2): {DESCRIPTIONS[member]}.
+The `{member}` member of the bmojo zoo at the {size.upper()} scale (docs/design.md, "The model family"): {DESCRIPTIONS[member]}.
 This directory holds the architecture only (config.json, no weights, no code): the model starts from
 random initialization, and the installed `bmojo` package provides the model class.
 

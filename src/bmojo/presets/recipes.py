@@ -1,4 +1,4 @@
-"""The zoo's recipes (SPEC 1.2): one ``BMojoConfig`` per member and size.
+"""The zoo's recipes (docs/design.md, "The model family"): one ``BMojoConfig`` per member and size.
 
 Members: ``transformer`` (all full attention, RoPE), ``swa`` (all sliding-window attention),
 ``mamba`` (Mamba-1 blocks, no MLP, like mamba-ssm), ``hybrid`` (alternating mamba /
@@ -23,8 +23,8 @@ layer                                parameters   depth at each size
 =================================== ============ ==============================================
 ``mamba`` (no MLP)                   ~6.3 d^2     Mamba's depth L
 ``mamba2`` (no MLP)                  ~6.2 d^2     Mamba's depth L (Mamba-2's sizes use the same)
-``attention`` + MLP                  ~12 d^2      L / 2 (SPEC 1.2: "depth halved")
-``mamba`` / ``sliding`` + MLP        ~13 d^2 avg  L / 2 (hybrid; SPEC 1.2)
+``attention`` + MLP                  ~12 d^2      L / 2 (halved depth)
+``mamba`` / ``sliding`` + MLP        ~13 d^2 avg  L / 2 (hybrid)
 ``bmojo_f`` / ``bmojo`` + MLP        ~18 d^2      round(L * P(mamba layer) / P(bmojo layer)), ~L / 3
 the same, Mamba-2 fading mixer       ~17 d^2      round(L * P(mamba2 layer) / P(bmojo layer)), ~L / 3
 =================================== ============ ==============================================
@@ -37,7 +37,7 @@ counts of :func:`bmojo.presets.accounting.layer_param_count`: ``bmojo-f`` / ``bm
 and 17 at 370m, 790m and 1.4b; ``bmojo-f-mamba2`` / ``bmojo-mamba2`` 9, 18, 17, 17 (the authors' Mamba-2
 mixer, expand 1, is smaller than Mamba-1's). Applied to the other MLP-bearing members the same rule
 would give 13, 26, 25, 25 layers (transformer, swa) and 12, 23, 23, 23 (hybrid), within two layers of
-SPEC's halved depth (12, 24, 24, 24), which those members keep. Every paper-scale preset lands within
+the halved depth (12, 24, 24, 24), which those members keep. Every paper-scale preset lands within
 10% of its nominal size (tests/test_presets.py checks it; ``bmojo presets`` prints the counts).
 
 Windowed members use ``sliding_window=512`` (the fading window defaults to the same); ``bmojo``
