@@ -246,6 +246,10 @@ def main() -> int:
 
     from bmojo.presets import forward_flops
 
+    def work(member: str, T: int) -> float:
+        """Analytic FLOPs of one forward over T tokens (valid keys only); HF twins share the model's."""
+        return sum(forward_flops(models[(member, False)].config, T).values())
+
     gen_rows = []
     for member, hf in runs:
         r = {"model": name(member, hf)}
@@ -257,9 +261,8 @@ def main() -> int:
             r["fresh 512 tok/s"] = resume[((member, hf), "fresh")]
             r["512 after 512 tok/s"] = resume[((member, hf), "resume")]
             r["resume / fresh"] = r["512 after 512 tok/s"] / r["fresh 512 tok/s"]
-            c = models[(member, False)].config  # at equal FLOP rates, fresh / resumed work bounds the ratio
-            work = lambda T: sum(forward_flops(c, T).values())  # noqa: E731
-            r["resume / fresh at equal FLOP rate"] = work(512) / (work(1024) - work(512))
+            # at equal FLOP rates, fresh / resumed work bounds the ratio
+            r["resume / fresh at equal FLOP rate"] = work(member, 512) / (work(member, 1024) - work(member, 512))
         if not hf:
             r["padded batch tok/s"] = padded[((member, hf), "padded")]
             r["full batch tok/s"] = padded[((member, hf), "full")]
@@ -320,9 +323,9 @@ def main() -> int:
         f"attention, MLP) plus a Mamba mixer, fading key/value projections and attention over the fading "
         f"band and the slots. Measured: {bmojo_rate:.2f}x, {bmojo_rate / ceiling:.0%} of that ceiling; the rest is "
         f"mostly the Mamba mixer's elementwise work (scan, softplus, gates), which is memory bound on CPU.")
-    def step_work(member: str, P: int) -> float:  # FLOPs of the token after P (analytic, valid keys only)
-        c = models[(member, False)].config
-        return sum(forward_flops(c, P + 1).values()) - sum(forward_flops(c, P).values())
+
+    def step_work(member: str, P: int) -> float:  # FLOPs of the token after P
+        return work(member, P + 1) - work(member, P)
 
     def weights(member: str) -> int:
         return sum(p.numel() for p in models[(member, False)].parameters())
