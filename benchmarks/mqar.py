@@ -24,17 +24,18 @@ Recipe (calibrated on this machine; benchmarks/results/mqar_calibration.md has e
     (T = 64 or 32) sat at 25 % for 2000 steps at lr 1e-3 and 3e-3: K = 4 is not a candidate.
 
 Settings and the recipe check
-    Candidate data settings, tried in order: K2 (K = 2), K3 (K = 3), K1 (K = 1, the fallback); all T = 64,
-    vocabulary 64. For each, the transformer is trained at every learning rate (seed 0), then seeds 1 and 2
-    at the best one; the setting passes when all three seeds reach >= 99 %. The study uses the first
-    K_LEVELS = 2 candidates that pass (K1 is only tried when K2 or K3 fails); a setting that fails is
-    reported and not used.
+    Candidate data settings, tried in order: K1 (K = 1), K2 (K = 2), K3 (K = 3, tried only if K2 fails);
+    all T = 64, vocabulary 64. For each, the transformer is trained at every learning rate (seed 0), then
+    seeds 1 and 2 at the best one; the setting passes when all three seeds reach >= 99 %. The study uses
+    the first K_LEVELS = 2 candidates that pass; a setting that fails is reported and not used. (The first
+    order, K2 and K3 before K1 with one 2000-step cap, failed both: K2 reached 98.9 % still rising at the
+    cap, K3 stayed at 1/K on two of three seeds. K1 alone saturates: every SSM-bearing member solves it.)
 
 Every run
     Evaluated every 250 steps on a fixed set (1000 sequences, seed 1234); stops when the accuracy has not
     improved by more than 0.5 points over three evaluations (bmojo.train's early stopping; never before
-    step 1000, the plateau that precedes MQAR's sharp transitions) or at the cap of 2000 steps (the report
-    marks every run that hit it). Learning rate: {3e-3, 1e-3, 1e-2} per member per setting (seed 0, at
+    step 1000, the plateau that precedes MQAR's sharp transitions) or at the cap: 2000 steps at K = 1,
+    4000 at K > 1 (CAP_FACTOR; the report marks every run that hit it). Learning rate: {3e-3, 1e-3, 1e-2} per member per setting (seed 0, at
     budget B2), the best one reused for the member's other budgets and seeds. Seeds 0, 1, 2 (initialisation
     and data order; the data set is the same) for every reported point: mean and min-max. A run that
     diverges is recorded as such (it loses the lr sweep). The final model is the one at the stop step.
@@ -62,11 +63,12 @@ Work order, parts and budget
     (mqar_runs.json) is left as it was; its report moves to mqar_v1.md when this one first writes mqar.md.
 
     Estimate (``--plan``; ms per step measured during calibration on the shared 2-core machine, 1 thread;
-    the table is in mqar_calibration.md): 114 runs if K2 and K3 pass, 6.3-7.4 CPU-hours if a run stops
-    after 1500 steps on average (minimum / median step times), 8.3-9.9 if every run went to the
-    2000-step cap; two runs in parallel halve the wall time. recipe + sweep (every member at B2, both K
-    levels, best lr) take ~1.9 CPU-hours of it. The SSM-bearing members are 3-10x slower per step than
-    attention (the selective scan's backward dominates on CPU).
+    the table is in mqar_calibration.md): 114 runs if K1 and K2 pass, 9.5-11.3 CPU-hours if a run stops at
+    75 % of its cap on average (minimum / median step times), 12.7-15.1 if every run went to its cap; two
+    runs in parallel halve the wall time. Measured: the 42 K1 runs of the first order took 1.8 CPU-hours
+    (most stopped at step 1000, solved), so the K1 half costs about a third of its estimate; K2 decides
+    the total. The SSM-bearing members are 3-10x slower per step than attention (the selective scan's
+    backward dominates on CPU).
 """
 from __future__ import annotations
 
@@ -96,10 +98,12 @@ W = 8
 BASE_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
                   sliding_window=W, d_state=16, expand=2)
 SETTINGS = {  # candidate MQAR data settings, in the order the recipe check tries them
+    "K1": dict(num_kv_pairs=1, seq_len=64, vocab_size=64),
     "K2": dict(num_kv_pairs=2, seq_len=64, vocab_size=64),
     "K3": dict(num_kv_pairs=3, seq_len=64, vocab_size=64),
-    "K1": dict(num_kv_pairs=1, seq_len=64, vocab_size=64),
 }
+# K > 1 gets twice the steps: at 2000 the transformer was still gaining at K = 2 (98.9 % at the cap)
+CAP_FACTOR = {"K1": 1, "K2": 2, "K3": 2}
 K_LEVELS = 2  # the study uses the first K_LEVELS candidates whose recipe check passes
 RECIPE_TARGET = 0.99
 BUDGETS = {"B1": 1536, "B2": 2048, "B3": 3072}
@@ -120,7 +124,7 @@ SEEDS = (0, 1, 2)
 TRAIN = dict(batch=32, cap=2000, eval_every=250, patience=3, min_delta=0.005, min_steps=1000, warmup=100,
              eval_examples=1000, eval_seed=1234, data_seed=0)
 GROUPS = ("recipe", "sweep", "budgets", "seeds", "ablation")
-TYPICAL_STEPS = 1500  # the plan's guess of where an average run stops (plateaus stop from step 1000 on)
+TYPICAL_SHARE = 0.75  # the plan's guess of where an average run stops, as a share of its cap
 STEP_MS = {  # ms per training step (batch 32, T = 64, 1 thread) measured in calibration: (minimum, median)
     "transformer--": (33, 34), "swa--": (34, 35),
     "mamba-B1": (164, 204), "mamba-B2": (149, 184), "mamba-B3": (207, 358),
@@ -164,12 +168,12 @@ def run_spec(member: str, setting: str, budget: str, lr: float, seed: int = 0, k
     training settings must also match for a cached run to count (a changed protocol leaves old runs
     stale, and the report counts them as missing)."""
     knobs = KNOBS[member][budget] if knobs is None else knobs
-    b, cap = TRAIN["batch"], TRAIN["cap"]
+    b, cap = TRAIN["batch"], TRAIN["cap"] * CAP_FACTOR[setting]
     name = f"{member}-{setting}{'' if budget == '-' else '-' + budget}{tag}-lr{lr:g}-s{seed}-b{b}-c{cap}"
     data = dict(SETTINGS[setting], power_a=1.0, random_non_queries=False, seed=TRAIN["data_seed"], num_examples=cap * b)
     return dict(name=name, member=member, setting=setting, kv=SETTINGS[setting]["num_kv_pairs"], budget=budget, lr=lr,
                 seed=seed, tag=tag, knobs=knobs, model_overrides=model_overrides(member, knobs), data=data, batch=b,
-                cap=cap, train=dict(TRAIN))
+                cap=cap, train=dict(TRAIN, cap=cap))
 
 
 def train_config(spec: dict, workdir: str):
@@ -452,7 +456,7 @@ def step_ms(member: str, budget: str, cache: dict | None = None, which: int = 1)
     return STEP_MS.get(key, STEP_MS.get(f"bmojo-{budget}", (150, 150)))[which]
 
 
-def full_plan(settings: tuple[str, ...] = ("K2", "K3")) -> dict[str, list[dict]]:
+def full_plan(settings: tuple[str, ...] = ("K1", "K2")) -> dict[str, list[dict]]:
     """Every run of the study if ``settings`` pass the recipe check (lr placeholders: 3e-3): the basis of
     the CPU-time estimate."""
     out = {g: [] for g in GROUPS}
@@ -469,32 +473,38 @@ def full_plan(settings: tuple[str, ...] = ("K2", "K3")) -> dict[str, list[dict]]
     return out
 
 
-def cpu_seconds(specs: list[dict], steps: int, cache: dict | None = None, which: int = 1) -> float:
-    evals = steps // TRAIN["eval_every"] * TRAIN["eval_examples"] / TRAIN["batch"] / 3  # a forward ~ 1/3 step
-    return sum(step_ms(s["member"], s["budget"], cache, which) * (steps + evals) / 1000 for s in specs)
+def cpu_seconds(specs: list[dict], cap_share: float, cache: dict | None = None, which: int = 1) -> float:
+    """CPU seconds of ``specs`` if each run stops after ``cap_share`` of its cap (evaluations included)."""
+    def run_s(s):
+        steps = cap_share * s["cap"]
+        evals = steps // TRAIN["eval_every"] * TRAIN["eval_examples"] / TRAIN["batch"] / 3  # a forward ~ 1/3 step
+        return step_ms(s["member"], s["budget"], cache, which) * (steps + evals) / 1000
+
+    return sum(map(run_s, specs))
 
 
 def plan_text(cache: dict, part=None) -> str:
-    lines = ["Whole study if K2 and K3 pass (every run at the calibrated step times, 1 thread):", "",
-             "| group | runs | CPU-h at 1500 steps/run (min / median ms) | at the 2000-step cap (min / median ms) |",
+    caps = ", ".join(f"{k} {TRAIN['cap'] * CAP_FACTOR[k]}" for k in ("K1", "K2"))
+    lines = ["Whole study if K1 and K2 pass (every run at the calibrated step times, 1 thread):", "",
+             f"| group | runs | CPU-h at {TYPICAL_SHARE:.0%} of the cap (min / median ms) | at the cap ({caps}; min / median ms) |",
              "|---|---|---|---|"]
     full = full_plan()
     for g in GROUPS:
-        lines.append(f"| {g} | {len(full[g])} | {cpu_seconds(full[g], TYPICAL_STEPS, which=0) / 3600:.2f} / "
-                     f"{cpu_seconds(full[g], TYPICAL_STEPS) / 3600:.2f} | "
-                     f"{cpu_seconds(full[g], TRAIN['cap'], which=0) / 3600:.2f} / "
-                     f"{cpu_seconds(full[g], TRAIN['cap']) / 3600:.2f} |")
+        lines.append(f"| {g} | {len(full[g])} | {cpu_seconds(full[g], TYPICAL_SHARE, which=0) / 3600:.2f} / "
+                     f"{cpu_seconds(full[g], TYPICAL_SHARE) / 3600:.2f} | "
+                     f"{cpu_seconds(full[g], 1.0, which=0) / 3600:.2f} / "
+                     f"{cpu_seconds(full[g], 1.0) / 3600:.2f} |")
     allr = [s for g in GROUPS for s in full[g]]
-    lines += [f"| all | {len(allr)} | {cpu_seconds(allr, TYPICAL_STEPS, which=0) / 3600:.2f} / "
-              f"{cpu_seconds(allr, TYPICAL_STEPS) / 3600:.2f} | "
-              f"{cpu_seconds(allr, TRAIN['cap'], which=0) / 3600:.2f} / {cpu_seconds(allr, TRAIN['cap']) / 3600:.2f} |",
+    lines += [f"| all | {len(allr)} | {cpu_seconds(allr, TYPICAL_SHARE, which=0) / 3600:.2f} / "
+              f"{cpu_seconds(allr, TYPICAL_SHARE) / 3600:.2f} | "
+              f"{cpu_seconds(allr, 1.0, which=0) / 3600:.2f} / {cpu_seconds(allr, 1.0) / 3600:.2f} |",
               "", "Now (from the cache" + (f", part {part[0]}/{part[1]}" if part else "") + "):", ""]
     for g in GROUPS:
         specs, blocked = group_specs(cache, g)
         todo = [s for s in specs if cached(cache, s) is None and in_part(s["name"], part)]
         done = [s for s in specs if cached(cache, s) is not None]
         lines.append(f"- {g}: {len(done)} done, {len(todo)} to run now "
-                     f"(~{cpu_seconds(todo, TYPICAL_STEPS, cache) / 3600:.2f} CPU-h)"
+                     f"(~{cpu_seconds(todo, TYPICAL_SHARE, cache) / 3600:.2f} CPU-h)"
                      + (f"; blocked: {'; '.join(blocked)}" if blocked else ""))
     return "\n".join(lines)
 
@@ -663,7 +673,7 @@ def write_report(cache: dict, results: str, part=None) -> str:
              f"- data: MQAR, T = 64, vocabulary 64, uniform query gaps, filler 0; settings "
              + ", ".join(f"{k} (K = {v['num_kv_pairs']})" for k, v in SETTINGS.items()) + " tried in that order",
              f"- training: batch {t['batch']}, AdamW (wd 0.1), warmup {t['warmup']}, cosine to 0.1x at the cap of "
-             f"{t['cap']} steps, clip 1.0, fp32; evaluation every {t['eval_every']} steps on {t['eval_examples']} "
+             + ", ".join(f"{t['cap'] * CAP_FACTOR[k]} ({k})" for k in SETTINGS) + f" steps, clip 1.0, fp32; evaluation every {t['eval_every']} steps on {t['eval_examples']} "
              f"fixed sequences (seed {t['eval_seed']}); stop when accuracy has not improved by more than "
              f"{100 * t['min_delta']:g} points over {t['patience']} evaluations (not before step {t['min_steps']}), "
              "or at the cap",

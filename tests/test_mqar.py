@@ -225,32 +225,33 @@ def test_study_budgets_are_filled_exactly(study):
 
 
 def test_study_recipe_check_decides_the_settings(study):
-    """The transformer's check runs K2 and K3 first; a failing K3 brings in K1; later groups follow the
+    """The transformer's check runs K1 and K2 first; a failing K2 brings in K3; later groups follow the
     settings used and each member's best learning rate; the ablation sits at the largest K used."""
+    assert study.run_spec("transformer", "K2", "-", 3e-3)["cap"] == 2 * study.run_spec("transformer", "K1", "-", 3e-3)["cap"]
     cache = {"runs": {}}
     specs, blocked = study.group_specs(cache, "recipe")
-    assert [(s["setting"], s["lr"]) for s in specs] == [("K2", lr) for lr in study.LRS] + [("K3", lr) for lr in study.LRS]
+    assert [(s["setting"], s["lr"]) for s in specs] == [("K1", lr) for lr in study.LRS] + [("K2", lr) for lr in study.LRS]
     assert blocked and study.used_settings(cache) == ([], False)
     assert study.group_specs(cache, "sweep")[0] == [] and study.group_specs(cache, "sweep")[1]
     for lr, acc in zip(study.LRS, (0.995, 0.5, 0.3)):
-        _put(study, cache, study.run_spec("transformer", "K2", "-", lr), acc)
-        _put(study, cache, study.run_spec("transformer", "K3", "-", lr), 0.4)  # K3: stuck on the plateau
-    cache["runs"][study.run_spec("transformer", "K3", "-", 1e-2)["name"]].update(status="diverged", accuracy=None)
-    assert study.recipe_status(cache, "K3") == "fail"
+        _put(study, cache, study.run_spec("transformer", "K3", "-", lr), acc)
+        _put(study, cache, study.run_spec("transformer", "K2", "-", lr), 0.4)  # K2: stuck on the plateau
+    cache["runs"][study.run_spec("transformer", "K2", "-", 1e-2)["name"]].update(status="diverged", accuracy=None)
+    assert study.recipe_status(cache, "K2") == "fail"
     specs, _ = study.group_specs(cache, "recipe")
-    assert [(s["setting"], s["seed"]) for s in specs if s["seed"]] == [("K2", 1), ("K2", 2)]
-    assert "K1" in {s["setting"] for s in specs}  # K3 failed: the fallback is checked
+    assert [(s["setting"], s["seed"]) for s in specs if s["seed"]] == [("K3", 1), ("K3", 2)]
+    assert "K3" in {s["setting"] for s in specs}  # K2 failed: the next candidate is checked
     for seed in (1, 2):
-        _put(study, cache, study.run_spec("transformer", "K2", "-", 3e-3, seed=seed), 0.99)
-    assert study.used_settings(cache) == (["K2"], False)  # K1 still pending
-    assert len(study.group_specs(cache, "sweep")[0]) == len(study.LRS) * len(study.SWEEP_ORDER)  # K2 can start
+        _put(study, cache, study.run_spec("transformer", "K3", "-", 3e-3, seed=seed), 0.99)
+    assert study.used_settings(cache) == (["K3"], False)  # K1 still pending
+    assert len(study.group_specs(cache, "sweep")[0]) == len(study.LRS) * len(study.SWEEP_ORDER)  # K3 can start
     for seed, lr in ((0, 1e-3), (0, 3e-3), (0, 1e-2), (1, 1e-3), (2, 1e-3)):
         _put(study, cache, study.run_spec("transformer", "K1", "-", lr, seed=seed), 1.0 if lr == 1e-3 else 0.98)
-    assert study.used_settings(cache) == (["K2", "K1"], True)
+    assert study.used_settings(cache) == (["K1", "K3"], True)
 
     sweep, blocked = study.group_specs(cache, "sweep")
     assert not blocked and len(sweep) == 2 * 3 * 5
-    assert (sweep[0]["member"], sweep[0]["setting"], sweep[0]["budget"], sweep[0]["lr"]) == ("bmojo", "K2", "B2", 3e-3)
+    assert (sweep[0]["member"], sweep[0]["setting"], sweep[0]["budget"], sweep[0]["lr"]) == ("bmojo", "K1", "B2", 3e-3)
     assert study.group_specs(cache, "budgets")[1]  # blocked until the sweep is done
     best = {"swa": 1e-3, "mamba": 1e-2, "hybrid": 3e-3, "bmojo-f": 1e-3, "bmojo": 3e-3}
     for s in sweep:
@@ -261,7 +262,7 @@ def test_study_recipe_check_decides_the_settings(study):
     seeds, _ = study.group_specs(cache, "seeds")
     assert len(seeds) == 2 * (1 + 4 * 3) * 2 and {s["seed"] for s in seeds} == {1, 2}
     ablation, _ = study.group_specs(cache, "ablation")
-    assert {s["setting"] for s in ablation} == {"K2"} and len(ablation) == 2 * 3
+    assert {s["setting"] for s in ablation} == {"K3"} and len(ablation) == 2 * 3
     assert sorted({s["model_overrides"]["memory_slots"] for s in ablation}) == [8, 32]
     # a changed protocol leaves old records stale instead of reusing them
     spec = sweep[0]
@@ -289,7 +290,7 @@ def test_study_report_orderings_and_ship(study, tmp_path):
     (final / "eval.json").write_text(json.dumps({"eval_data": dict(spec["data"], num_examples=10, seed=1234),
                                                  "accuracy": 0.9, "total": 20, "correct": 18, "loss": 0.1, "step": 1500}))
     cache = {"runs": {}, "machine": "test"}
-    for setting in ("K2", "K3"):
+    for setting in ("K1", "K2"):
         for lr in study.LRS:
             _put(study, cache, study.run_spec("transformer", setting, "-", lr), 1.0 if lr == 3e-3 else 0.5,
                  final_dir=str(final))
@@ -309,7 +310,7 @@ def test_study_report_orderings_and_ship(study, tmp_path):
     assert (results / "mqar_v1.md").read_text() == "# the earlier protocol\n"
     assert (results / "mqar.md").read_text().startswith(study.REPORT_MARK)
     assert (results / "mqar_fig2.png").stat().st_size > 0 and (results / "mqar_eidetic.png").exists()
-    assert "**The study is not complete**" in text and "bmojo-K2-B1-lr0.003-s1-b32-c2000" in text.split("## Recipe")[0]
+    assert "**The study is not complete**" in text and "bmojo-K2-B1-lr0.003-s1-b32-c4000" in text.split("## Recipe")[0]
     assert "| bmojo >= bmojo-f | K2 | B2 | 90.0 vs 60.0 | holds (one seed) |" in text
     assert "**bmojo >= bmojo-f**: holds at 6 of 6 points" in text
     assert "- K2: **pass** (used)" in text
@@ -360,7 +361,7 @@ def test_study_runs_in_worker_processes(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
     mqar = importlib.import_module("mqar")  # importable by name, as the spawned worker needs
     monkeypatch.setattr(mqar, "TRAIN", dict(mqar.TRAIN, cap=4, eval_every=2, min_steps=0, eval_examples=20, batch=4))
-    specs = [mqar.run_spec("transformer", "K2", "-", lr) for lr in (3e-3, 1e-3)]
+    specs = [mqar.run_spec("transformer", "K1", "-", lr) for lr in (3e-3, 1e-3)]
     results, work = str(tmp_path / "results"), str(tmp_path / "work")
     attempted = mqar.run_all(specs, results, work, workers=1, deadline=None)
     assert attempted == {s["name"] for s in specs}
