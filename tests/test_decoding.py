@@ -199,3 +199,35 @@ def test_resume_after_a_padded_prompt_matches_each_row_alone(stack):
         for i, p in enumerate(pads):
             alone = model(ids[i : i + 1, p:]).logits[0]
             torch.testing.assert_close(torch.cat([head[i, p:], tail[i]]), alone, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("fill", [0.0, float("-inf")])
+@pytest.mark.parametrize("capacity", [1, 3, 8])
+def test_ring_slices_equal_per_row_gathers_and_the_definition(capacity, fill):
+    """A ring read or filled at a position every row shares (slices: what a resume with a host-known start
+    uses) holds what per-row positions give, and what the definition says: position p in slot p % capacity,
+    positions before 0 or before the sequence's first one empty (``fill``)."""
+    from bmojo.cache import Ring
+
+    g = torch.Generator().manual_seed(capacity)
+    shapes = dict(k=((3,), torch.float32, "cpu"))
+    for last in range(-2, 3 * capacity + 2):
+        ring = Ring.allocate(size=capacity, batch=2, capacity=capacity, fill=fill, **shapes)
+        ring.data["k"] = torch.randn(2, capacity, 3, generator=g)
+        for count in range(0, capacity + 3):
+            got = ring.ordered("k", last, count)
+            assert torch.equal(got, ring.ordered("k", torch.full((2,), last), count)), (last, count)
+            for i, p in enumerate(range(last - count + 1, last + 1)):
+                want = ring.k[:, p % capacity] if 0 <= p and p > last - capacity else torch.full((2, 3), fill)
+                assert torch.equal(got[:, i], want), (last, count, p)
+        for first in range(-2, max(last, -1) + 2):
+            x = torch.randn(2, max(last - first + 1, 0), 3, generator=g)
+            a, b = (Ring.allocate(size=capacity, batch=2, capacity=capacity, fill=fill, **shapes) for _ in range(2))
+            a.load(last, first=first, k=x)
+            if x.shape[1]:
+                b.load(torch.full((2,), last), first=torch.full((2,), first), k=x)
+                assert torch.equal(a.k, b.k), (last, first)
+            for slot in range(capacity):
+                p = last - (last - slot) % capacity
+                want = x[:, p - first] if p >= max(first, 0) else torch.full((2, 3), fill)
+                assert torch.equal(a.k[:, slot], want), (last, first, slot)

@@ -170,36 +170,47 @@ class Ring(RowState):
 
     def load(self, last: torch.Tensor | int, first: int | torch.Tensor = 0, **sequences: torch.Tensor) -> None:
         """Fill from per-token sequences (b, n, ...) whose index i is position first + i, as the ring
-        holds them after position ``last``. ``last`` and ``first`` are per row (b,) tensors, or ints
-        when every row sits at the same position (then one index_select, no per-element gather)."""
+        holds them after position ``last``; positions before 0 or before ``first`` hold ``fill``.
+        ``last`` and ``first`` are per row (b,) tensors, or ints when every row sits at the same position
+        (then slices: the held positions, oldest first, are a slice of each sequence after the empty
+        ones, and slot p % capacity is a rotation of that: one copy)."""
+        cap = self.capacity
         if isinstance(last, int) and not torch.is_tensor(first):
-            device = next(iter(sequences.values())).device
-            p = last - torch.remainder(last - torch.arange(self.capacity, device=device), self.capacity)
-            index = (p - first).clamp(min=0)
+            lo = last - cap + 1
+            n_empty = min(max(max(first, 0) - lo, 0), cap)
+            rot = (last + 1) % cap
             for name, x in sequences.items():
-                out = x.index_select(1, index).to(self.data[name].dtype)
-                empty = (p < 0).view(1, -1, *[1] * (out.dim() - 2))
-                self.data[name] = out.masked_fill(empty, self.fill)
+                seq = x[:, lo + n_empty - first : last + 1 - first].to(self.data[name].dtype)
+                if n_empty:
+                    seq = torch.cat([seq.new_full((x.shape[0], n_empty, *x.shape[2:]), self.fill), seq], 1)
+                self.data[name] = torch.cat([seq[:, cap - rot :], seq[:, : cap - rot]], 1) if rot else seq.contiguous()
             return
         last = last if torch.is_tensor(last) else torch.full_like(first, last)
         p = self.positions(last)
         index = p - (first[:, None] if torch.is_tensor(first) else first)
         index = torch.where(p >= 0, index, torch.full_like(index, -1))
         for name, x in sequences.items():
-            out = gather_positions(x, index).to(self.data[name].dtype)
+            out = gather_positions(x, index).to(self.data[name].dtype)  # zeros where index < 0
             if self.fill != 0:
-                out = out.masked_fill((p < 0).view(*p.shape, *[1] * (out.dim() - 2)), self.fill)
+                out = out.masked_fill((index < 0).view(*p.shape, *[1] * (out.dim() - 2)), self.fill)
             self.data[name] = out
 
     def ordered(self, name: str, last: torch.Tensor | int, count: int) -> torch.Tensor:
         """The ``count`` latest positions up to ``last`` (per row (b,), or an int for every row), oldest
-        first: (b, count, ...); empty ones (never written, or before position 0) hold ``fill``."""
+        first: (b, count, ...); empty ones (never written, or before position 0) hold ``fill``. With an
+        int ``last`` the result may be a view of the ring (read it, or copy it before writing to it)."""
         x = self.data[name]
-        if isinstance(last, int):
-            p = last - count + 1 + torch.arange(count, device=x.device)
-            out = x.index_select(1, torch.remainder(p, self.capacity))
-            empty = (p < 0) | (p <= last - self.capacity)
-            return out.masked_fill(empty.view(1, -1, *[1] * (x.dim() - 2)), self.fill)
+        if isinstance(last, int):  # slices of the ring (at most two, where it wraps) after the empty ones
+            cap = self.capacity
+            lo = max(last - count + 1, 0, last - cap + 1)  # the oldest position held
+            n_empty = min(lo - (last - count + 1), count)
+            pieces = [x.new_full((x.shape[0], n_empty, *x.shape[2:]), self.fill)] if n_empty else []
+            if lo <= last:
+                s0, n = lo % cap, last - lo + 1
+                pieces.append(x[:, s0 : min(s0 + n, cap)])
+                if s0 + n > cap:
+                    pieces.append(x[:, : s0 + n - cap])
+            return torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0] if pieces else x[:, :0]
         p = last[:, None] - count + 1 + torch.arange(count, device=last.device)[None, :]
         held = torch.remainder(p, self.capacity)
         out = torch.gather(x, 1, held.view(*held.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))

@@ -579,8 +579,10 @@ def _rows_layout(x: torch.Tensor, offset: int, L: int) -> torch.Tensor:
     row ``offset + i`` (rows outside x zero, rows past L dropped). A copy of x; differentiable."""
     b, n, H, D = x.shape
     lo, hi = max(offset, 0), min(offset + n, L)
-    buf = x.new_zeros(b, H, L, D, dtype=torch.float32)
+    buf = x.new_empty(b, H, L, D, dtype=torch.float32)
+    buf[:, :, : max(lo, 0) if hi > lo else L].zero_()  # only the rows x does not fill
     if hi > lo:
+        buf[:, :, hi:].zero_()
         buf[:, :, lo:hi] = x[:, lo - offset : hi - offset].transpose(1, 2)
     return buf.view(b * H * L, D)
 
@@ -623,32 +625,37 @@ def _resumed(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_val
         t is not None and t.requires_grad for t in (q, k, v, k_fading, v_fading, k_memory, v_memory, q_fading))
 
     def query_blocks(x):
+        """(b, T, Hq, D) -> (n_blk, segs, R Bq, D) fp32, block-major: block j of every segment is one slice."""
         xf = F.pad(x.float(), (0, 0, 0, 0, 0, Tp - T)) if Tp != T else x.float()
         # inference: scores in log2 units (q carries log2 e) for an in-place exp2, as in _banded
-        xb = (xf.view(b, n_blk, Bq, Hkv, R, D).permute(0, 3, 1, 4, 2, 5) * (scale if grad else scale * _LOG2E))
-        return xb.reshape(segs * n_blk, RB, D)
+        xb = (xf.view(b, n_blk, Bq, Hkv, R, D).permute(1, 0, 3, 4, 2, 5) * (scale if grad else scale * _LOG2E))
+        return xb.reshape(n_blk, segs, RB, D)
 
     qb = query_blocks(q)
     qbf = query_blocks(q_fading) if fading and q_fading is not None else qb  # the fading band's queries
-    Kw, Vw = _rows_layout(k, O - Pk, L), _rows_layout(v, O - Pk, L)
+    Kw, Vw = (_rows_layout(x, O - Pk, L).view(segs, L, D) for x in (k, v))
     rows = torch.arange(L, device=device)[None, :]
     # a key bias per segment row: -inf where the key's position is negative (before the row's first token)
     # or where no key is given (rows before the first one)
     w_bias = torch.zeros(b, L, device=device).masked_fill_((rows - O + start[:, None] < 0) | (rows < O - Pk), NEG)
-    w_bias = w_bias[:, None].expand(b, Hkv, L).reshape(segs * L)
+    w_bias = w_bias[:, None].expand(b, Hkv, L).reshape(segs, L)
     w_edges = _edge_biases(w, nb, Bq, device)
     if fading:  # fading key i at row O + w - Pf + i: the band of the sequence shifted by w, as in _banded
-        Kf, Vf = _rows_layout(k_fading, O + w - Pf, L), _rows_layout(v_fading, O + w - Pf, L)
+        Kf, Vf = (_rows_layout(x, O + w - Pf, L).view(segs, L, D) for x in (k_fading, v_fading))
         f_bias = torch.zeros(b, L, device=device).masked_fill_(
             (rows - O - w + start[:, None] < 0) | (rows < O + w - Pf), NEG)
-        f_bias = f_bias[:, None].expand(b, Hkv, L).reshape(segs * L)
+        f_bias = f_bias[:, None].expand(b, Hkv, L).reshape(segs, L)
         f_edges = _edge_biases(m_f, nbf, Bq, device)
 
-    def band(x, nbx, seg, j0, j1):
-        """Overlapping view over blocks j0..j1 of segment ``seg``: (G, S, ...) with S = (nbx+1) Bq."""
-        S = (nbx + 1) * Bq
-        r0 = seg * L + O + (j0 - nbx) * Bq
-        return x[r0 : r0 + (j1 - j0 - 1) * Bq + S].unfold(0, S, Bq)
+    def cols(x, nbx, j, c0, s0, s1):
+        """Block j's band of width (nbx+1) Bq, from its column c0 on, in segments s0..s1: a view (G, S', ...)."""
+        return x[s0:s1, O + (j - nbx) * Bq + c0 : O + (j + 1) * Bq]
+
+    def trim(nbx, first_row, j):
+        """Block j's first band column holding a given key: the column blocks before it hold only rows
+        before ``first_row`` (a history shorter than the band) and are not computed."""
+        c = first_row - O - (j - nbx) * Bq
+        return min(max(c // Bq * Bq, 0), (nbx + 1) * Bq)
 
     Sm = 0
     if k_memory is not None:
@@ -660,91 +667,99 @@ def _resumed(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_val
         cid_c = cid.clamp(max=n_chunks - 1)
         Sm = 2 * m_e
         idx = torch.arange(b, device=device)[:, None, None]
-        Km = k_memory.float()[idx, cid_c].permute(0, 4, 1, 2, 3, 5).reshape(segs * n_blk, Sm, D)
-        Vm = v_memory.float()[idx, cid_c].permute(0, 4, 1, 2, 3, 5).reshape(segs * n_blk, Sm, D)
+        Km, Vm = (x.float()[idx, cid_c].permute(1, 0, 4, 2, 3, 5).reshape(n_blk, segs, Sm, D)
+                  for x in (k_memory, v_memory))
         valid = (torch.ones(b, n_chunks, m_e, dtype=torch.bool, device=device) if memory_valid is None
                  else memory_valid.bool().to(device))[idx, cid_c] & (cid < n_chunks)[..., None]  # (b, n_blk, 2, m_e)
         vis = (t_chunk[..., None] == cid[:, :, None, :])[..., None] & valid[:, :, None]  # (b, n_blk, Bq, 2, m_e)
-        mem_bias = torch.zeros(b, n_blk, Bq, Sm, device=device).masked_fill_(~vis.reshape(b, n_blk, Bq, Sm), NEG)
-        mem_bias = mem_bias[:, None].expand(b, Hkv, n_blk, Bq, Sm).reshape(segs * n_blk, 1, Bq, Sm)
+        mem_bias = torch.zeros(n_blk, b, Bq, Sm, device=device).masked_fill_(
+            ~vis.reshape(b, n_blk, Bq, Sm).transpose(0, 1), NEG)
+        mem_bias = mem_bias[:, :, None].expand(n_blk, b, Hkv, Bq, Sm).reshape(n_blk, segs, 1, Bq, Sm)
 
     S = Sw + Sf + Sm
-    per_group = max(1, min(n_blk, budget // (RB * S * 4)))
+    per_group = max(1, min(segs, budget // (RB * S * 4)))  # segments per step: block j of each
 
-    def mask_(x, seg, j0, j1, g0, g1):
-        """Add -inf where query rows may not see key columns; x (G, R or 1, Bq, S), in place."""
+    def mask_(x, j, s0, s1, cw, cf):
+        """Add -inf where query rows may not see key columns; x (G, R or 1, Bq, S'), in place; block j's
+        window band starts at its column ``cw``, the fading band at ``cf`` (see ``trim``)."""
+        sw, sf = Sw - cw, Sf - cf
         for c0_, c1_, e in w_edges:
-            x[..., c0_:c1_].add_(e)
-        x[..., :Sw].add_(band(w_bias, nb, seg, j0, j1)[:, None, None, :])
-        if fading:
+            if c0_ >= cw:
+                x[..., c0_ - cw : c1_ - cw].add_(e)
+        x[..., :sw].add_(cols(w_bias, nb, j, cw, s0, s1)[:, None, None, :])
+        if sf:
             for c0_, c1_, e in f_edges:
-                x[..., Sw + c0_ : Sw + c1_].add_(e)
-            x[..., Sw : Sw + Sf].add_(band(f_bias, nbf, seg, j0, j1)[:, None, None, :])
+                if c0_ >= cf:
+                    x[..., sw + c0_ - cf : sw + c1_ - cf].add_(e)
+            x[..., sw : sw + sf].add_(cols(f_bias, nbf, j, cf, s0, s1)[:, None, None, :])
         if Sm:
-            x[..., Sw + Sf :].add_(mem_bias[g0:g1])
+            x[..., sw + sf :].add_(mem_bias[j, s0:s1])
 
     if not grad:
         sbuf = torch.empty(per_group * RB * S, device=device)
-        o_all = torch.empty(segs * n_blk, RB, D, device=device)
-        lse_all = torch.empty(segs * n_blk, RB, 1, device=device) if return_lse else None
+        o_all = torch.empty(n_blk, segs, RB, D, device=device)
+        lse_all = torch.empty(n_blk, segs, RB, 1, device=device) if return_lse else None
     outs, lses = [], []
-    for seg in range(segs):
-        for j0 in range(0, n_blk, per_group):
-            j1 = min(j0 + per_group, n_blk)
-            g0, g1 = seg * n_blk + j0, seg * n_blk + j1
-            G, Qg, Qfg = j1 - j0, qb[g0:g1], qbf[g0:g1]
+    for j in range(n_blk):
+        cw = trim(nb, O - Pk, j)
+        cf = trim(nbf, O + w - Pf, j) if fading else 0
+        sw, sf = Sw - cw, Sf - cf
+        Sg = sw + sf + Sm
+        for s0 in range(0, segs, per_group):
+            s1 = min(s0 + per_group, segs)
+            G, Qg, Qfg = s1 - s0, qb[j, s0:s1], qbf[j, s0:s1]
             if grad:  # autograd: plain ops, one added bias
-                parts = [torch.bmm(Qg, band(Kw, nb, seg, j0, j1))]
-                if fading:
-                    parts.append(torch.bmm(Qfg, band(Kf, nbf, seg, j0, j1)))
+                parts = [torch.bmm(Qg, cols(Kw, nb, j, cw, s0, s1).transpose(1, 2))]
+                if sf:
+                    parts.append(torch.bmm(Qfg, cols(Kf, nbf, j, cf, s0, s1).transpose(1, 2)))
                 if Sm:
-                    parts.append(torch.bmm(Qg, Km[g0:g1].transpose(1, 2)))
+                    parts.append(torch.bmm(Qg, Km[j, s0:s1].transpose(1, 2)))
                 with torch.no_grad():
-                    bias = torch.zeros(G, 1, Bq, S, device=device)
-                    mask_(bias, seg, j0, j1, g0, g1)
-                sc = (torch.cat(parts, -1).view(G, R, Bq, S) + bias).view(G, RB, S)
+                    bias = torch.zeros(G, 1, Bq, Sg, device=device)
+                    mask_(bias, j, s0, s1, cw, cf)
+                sc = (torch.cat(parts, -1).view(G, R, Bq, Sg) + bias).view(G, RB, Sg)
                 if return_lse:
                     lse = torch.logsumexp(sc, dim=-1)
                     p = torch.exp(sc - lse[..., None])
                     lses.append(lse)
                 else:
                     p = torch.softmax(sc, -1)
-                ps = torch.split(p, [Sw] + ([Sf] if fading else []) + ([Sm] if Sm else []), -1)
-                og = torch.bmm(ps[0], band(Vw, nb, seg, j0, j1).transpose(1, 2))
-                if fading:
-                    og = torch.baddbmm(og, ps[1], band(Vf, nbf, seg, j0, j1).transpose(1, 2))
+                ps = torch.split(p, [sw] + ([sf] if sf else []) + ([Sm] if Sm else []), -1)
+                og = torch.bmm(ps[0], cols(Vw, nb, j, cw, s0, s1))
+                if sf:
+                    og = torch.baddbmm(og, ps[1], cols(Vf, nbf, j, cf, s0, s1))
                 if Sm:
-                    og = torch.baddbmm(og, ps[-1], Vm[g0:g1])
+                    og = torch.baddbmm(og, ps[-1], Vm[j, s0:s1])
                 outs.append(og)
                 continue
-            sc = sbuf[: G * RB * S].view(G, RB, S)  # inference: in place, in log2 units
-            torch.bmm(Qg, band(Kw, nb, seg, j0, j1), out=sc[:, :, :Sw])
-            if fading:
-                torch.bmm(Qfg, band(Kf, nbf, seg, j0, j1), out=sc[:, :, Sw : Sw + Sf])
+            sc = sbuf[: G * RB * Sg].view(G, RB, Sg)  # inference: in place, in log2 units
+            torch.bmm(Qg, cols(Kw, nb, j, cw, s0, s1).transpose(1, 2), out=sc[:, :, :sw])
+            if sf:
+                torch.bmm(Qfg, cols(Kf, nbf, j, cf, s0, s1).transpose(1, 2), out=sc[:, :, sw : sw + sf])
             if Sm:
-                torch.bmm(Qg, Km[g0:g1].transpose(1, 2), out=sc[:, :, Sw + Sf :])
-            mask_(sc.view(G, R, Bq, S), seg, j0, j1, g0, g1)
+                torch.bmm(Qg, Km[j, s0:s1].transpose(1, 2), out=sc[:, :, sw + sf :])
+            mask_(sc.view(G, R, Bq, Sg), j, s0, s1, cw, cf)
             mx = sc.amax(-1, keepdim=True).clamp_(min=-1e30)  # padded query rows see nothing: keep them finite
             p = sc.sub_(mx).exp2_()
             denom = p.sum(-1, keepdim=True)
             if return_lse:
-                torch.mul(mx.add_(denom.log2()), _LN2, out=lse_all[g0:g1])
-            og = o_all[g0:g1]
-            torch.bmm(p[:, :, :Sw], band(Vw, nb, seg, j0, j1).transpose(1, 2), out=og)
-            if fading:
-                og.baddbmm_(p[:, :, Sw : Sw + Sf], band(Vf, nbf, seg, j0, j1).transpose(1, 2))
+                torch.mul(mx.add_(denom.log2()), _LN2, out=lse_all[j, s0:s1])
+            og = o_all[j, s0:s1]
+            torch.bmm(p[:, :, :sw], cols(Vw, nb, j, cw, s0, s1), out=og)
+            if sf:
+                og.baddbmm_(p[:, :, sw : sw + sf], cols(Vf, nbf, j, cf, s0, s1))
             if Sm:
-                og.baddbmm_(p[:, :, Sw + Sf :], Vm[g0:g1])
+                og.baddbmm_(p[:, :, sw + sf :], Vm[j, s0:s1])
             og.div_(denom.clamp_(min=1e-30))
     if grad:
         o_all = torch.cat(outs)
         if return_lse:
             lse_all = torch.cat(lses)
-    o = o_all.view(b, Hkv, n_blk, R, Bq, D).permute(0, 2, 4, 1, 3, 5).reshape(b, Tp, Hq, D)[:, :T]
+    o = o_all.view(n_blk, b, Hkv, R, Bq, D).permute(1, 0, 4, 2, 3, 5).reshape(b, Tp, Hq, D)[:, :T]
     o = o.to(q.dtype).contiguous()
     if not return_lse:
         return o
-    lse = lse_all.reshape(b, Hkv, n_blk, R, Bq).permute(0, 2, 4, 1, 3).reshape(b, Tp, Hq)[:, :T].contiguous()
+    lse = lse_all.reshape(n_blk, b, Hkv, R, Bq).permute(1, 0, 4, 2, 3).reshape(b, Tp, Hq)[:, :T].contiguous()
     return o, lse
 
 

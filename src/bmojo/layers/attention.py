@@ -100,17 +100,24 @@ class BMojoAttention(nn.Module):
         kernel's products as 0 * NaN. So such keys are zeroed before the kernel, and every query that
         does see one gets NaN, as it would from the exact product."""
         b, T = q.shape[:2]
-        keys = dict(k=k, v=v, k_fading=kw.get("k_fading"), v_fading=kw.get("v_fading"))
-        bad = {name: _nonfinite_rows(x) for name, x in keys.items() if x is not None}
-        if memory is not None:
-            bad_memory = _nonfinite_rows(memory.k.flatten(1, 2)).view(memory.valid.shape) \
-                | _nonfinite_rows(memory.v.flatten(1, 2)).view(memory.valid.shape)
-        poisoned = None
-        if not torch.compiler.is_compiling() and q.device.type == "cpu":  # a free check on CPU: skip when clean
-            if not any(bool(x.any()) for x in bad.values()) and (memory is None or not bool(bad_memory.any())):
-                bad = {}
+        keys = {name: x for name, x in dict(k=k, v=v, k_fading=kw.get("k_fading"), v_fading=kw.get("v_fading"),
+                                             k_memory=None if memory is None else memory.k,
+                                             v_memory=None if memory is None else memory.v).items() if x is not None}
+        # a free check on CPU: one sum per tensor is finite when every element is (a sum that overflows
+        # only sends a clean tensor through the exact check below); skip the row masks when all are clean
+        clean = (not torch.compiler.is_compiling() and q.device.type == "cpu"
+                 and all(bool(torch.isfinite(x.sum(dtype=torch.float32))) for x in keys.values()))
+        bad, bad_memory, poisoned = {}, None, None
+        if not clean:
+            bad = {name: _nonfinite_rows(x) for name, x in keys.items() if not name.endswith("_memory")}
+            if memory is not None:
+                bad_memory = _nonfinite_rows(memory.k.flatten(1, 2)).view(memory.valid.shape) \
+                    | _nonfinite_rows(memory.v.flatten(1, 2)).view(memory.valid.shape)
+            if not torch.compiler.is_compiling() and q.device.type == "cpu":  # only some tensor: which rows
+                if not any(bool(x.any()) for x in bad.values()) and (memory is None or not bool(bad_memory.any())):
+                    bad = {}
         if bad:
-            poisoned = self._sees_nonfinite(T, bad, kw, memory, bad_memory if memory is not None else None)
+            poisoned = self._sees_nonfinite(T, bad, kw, memory, bad_memory)
             k = k.masked_fill(bad["k"].view(b, -1, 1, 1), 0).masked_fill(bad["v"].view(b, -1, 1, 1), 0)
             v = v.masked_fill(bad["k"].view(b, -1, 1, 1), 0).masked_fill(bad["v"].view(b, -1, 1, 1), 0)
             if "k_fading" in bad:
@@ -235,6 +242,8 @@ class BMojoAttention(nn.Module):
                 # fading keys: the ring's m_f (none while the window ring grows: they would precede
                 # position 0), the window's n, the new T: index i is position start - n - n_f + i
                 n_f = fading.ring.capacity if n == w else 0
+                if host_start is not None:  # leave out the ring's slots before position 0 (nothing sees them)
+                    n_f = min(n_f, max(host_start - w, 0))
                 kf_seq = torch.cat([fading.ring.ordered("k", before - w, n_f), kf_w.to(kf.dtype), kf], 1)
                 vf_seq = torch.cat([fading.ring.ordered("v", before - w, n_f), vf_w.to(vf.dtype), vf], 1)
                 kw.update(k_fading=kf_seq, v_fading=vf_seq, fading_window=m_f)

@@ -55,16 +55,21 @@ class EideticMemory:
         self.kernels = kernels  # the model's resolved ops (bmojo.ops.Kernels)
 
     # -- merging ----------------------------------------------------------------------------------
-    def merge(self, memory: MemorySlots, k, v, eps, pos) -> MemorySlots:
-        """The ``m_e`` best of ``memory`` and candidates k, v (b, n, Hkv, D), eps (b, n) (-inf: not a
-        candidate), pos (b, n), gathered without concatenating keys and values."""
+    def merge(self, memory: MemorySlots, k, v, eps, pos, index: torch.Tensor | None = None) -> MemorySlots:
+        """The ``m_e`` best of ``memory`` and n candidates with scores eps (b, n) (-inf: not a
+        candidate) at positions pos (b, n), whose keys and values are k, v (b, n, Hkv, D), or rows
+        ``index`` (b, n) of k, v when given; only the kept rows are gathered."""
         eps_new, pos_new, idx = self.kernels.on(eps.device).merge_memory(memory.eps, memory.pos, eps, pos, self.slots)
+        if index is not None:  # the kept candidates' rows of k and v (memory slots keep idx < m_e)
+            idx = torch.where(idx < self.slots, idx, self.slots + torch.gather(index, 1, (idx - self.slots).clamp(min=0)))
         return MemorySlots(k=_pick_merged(memory.k, k, idx), v=_pick_merged(memory.v, v, idx), eps=eps_new,
                            pos=pos_new)
 
     def _candidates(self, chunk: torch.Tensor, first: int | torch.Tensor, last: torch.Tensor, k_seq, v_seq, eps_seq):
         """Chunk ``chunk`` (b,)'s new candidates, positions ((chunk-2)w, (chunk-1)w], from sequences
-        whose index i is position first + i; positions before 0 or after ``last`` (b,) are not candidates."""
+        whose index i is position first + i; positions before 0 or after ``last`` (b,) are not candidates.
+        Returns what :meth:`merge` takes: k_seq, v_seq, the candidates' scores and positions, and their
+        rows in the sequences (keys and values are not gathered: only the kept ones are, by merge)."""
         w = self.window
         first = first if torch.is_tensor(first) else torch.full_like(chunk, first)
         # only positions held by the sequences can be candidates: at most min(w, its length) of them
@@ -72,9 +77,9 @@ class EideticMemory:
         pos = lo[:, None] + torch.arange(min(w, eps_seq.shape[1]), device=chunk.device)[None, :]
         index = pos - first[:, None]
         ok = (pos >= 0) & (pos <= last[:, None]) & (pos <= ((chunk - 1) * w)[:, None])
-        index = torch.where(ok, index, torch.full_like(index, -1))
-        eps = gather_positions(eps_seq, index).masked_fill(~ok, float("-inf"))
-        return gather_positions(k_seq, index), gather_positions(v_seq, index), eps, pos.clamp(min=0)
+        index = torch.where(ok, index, torch.zeros_like(index))
+        eps = torch.gather(eps_seq, 1, index).masked_fill(~ok, float("-inf"))
+        return k_seq, v_seq, eps, pos.clamp(min=0), index
 
     # -- a fresh sequence ---------------------------------------------------------------------------
     def select(self, f: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[ChunkMemory, torch.Tensor]:
