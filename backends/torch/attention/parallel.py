@@ -595,11 +595,13 @@ def _resumed(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_val
 
     The banded kernel's layout with a prefix: each (batch row, kv head) segment holds O rows before
     its queries' keys, so query block j's window band is the contiguous rows [O + (j - nb) Bq,
-    O + (j + 1) Bq) of its segment and groups of blocks within a segment read overlapping ``unfold``
-    views. Keys at negative positions (a short history) and rows before the first given key (fewer keys
-    given than a band reaches back) are masked by a per-row key bias; memory
-    chunks follow each row's own chunk phase (a block may straddle two). ``q_fading`` (like q) scores the
-    fading band instead of q."""
+    O + (j + 1) Bq) of its segment: a plain view across segments. The loop runs block-major (block j
+    of a group of segments per step), so each block computes only the band columns from its first
+    given key on: the column blocks before it (a history shorter than the band: the fading band right
+    after the window fills, the window band after a short prompt) are left out. Keys at negative
+    positions (a shorter row's history) and the rest of the rows before the first given key are masked
+    by a per-row key bias; memory chunks follow each row's own chunk phase (a block may straddle two).
+    ``q_fading`` (like q) scores the fading band instead of q."""
     b, T, Hq, D = q.shape
     Hkv = k.shape[2]
     R = Hq // Hkv
