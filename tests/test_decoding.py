@@ -165,13 +165,15 @@ def test_state_size_is_constant_except_full_attention():
 RESUME_SPLITS = [(8,), (5, 12), (7, 9, 30), (1, 17, 18), (16, 24, 25, 33)]  # on, before and after chunk starts
 
 
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["keeps-f", "keeps-kv"])
 @pytest.mark.parametrize("splits", RESUME_SPLITS, ids=lambda s: "-".join(map(str, s)))
 @pytest.mark.parametrize("stack", list(STACKS))
-def test_resume_in_parallel_matches_parallel(stack, splits):
+def test_resume_in_parallel_matches_parallel(stack, splits, kv_heads):
     """Tokens after a cache run in parallel from its state (a chat's next turn, chunked prefill): the
     logits of every piece, and the state left for the next, equal one parallel forward (and so
-    step-by-step decoding), with RoPE on every key."""
-    model = _model(stack, rope_theta=10000.0)
+    step-by-step decoding), with RoPE on every key; the fading state holding the window's SSM outputs
+    (projected on resumption) or its fading keys and values (fewer key/value heads)."""
+    model = _model(stack, rope_theta=10000.0, num_key_value_heads=kv_heads)
     ids = torch.randint(0, 64, (2, T))
     with torch.no_grad():
         parallel = model(ids).logits

@@ -587,6 +587,11 @@ def _rows_layout(x: torch.Tensor, offset: int, L: int) -> torch.Tensor:
     return buf.view(b * H * L, D)
 
 
+def _host_min(start: torch.Tensor) -> int | None:
+    """The smallest per-row start, when reading it costs nothing (a CPU tensor), else None."""
+    return int(start.min()) if start.device.type == "cpu" and start.numel() else None
+
+
 def _resumed(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_valid, scale, return_lse, Bq,
              budget, q_start, q_fading=None):
     """Queries at positions q_start + j (per row) after keys that precede them: a decoding state's
@@ -622,6 +627,12 @@ def _resumed(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_val
     O = n_pre * Bq  # rows of each segment before its first query's key
     L = O + Tp
     start = q_start.to(device=device, dtype=torch.long)
+    # rows at or after these hold keys at positions >= 0 for every batch row (the key biases are 0 there):
+    # known on the host for CPU tensors only (elsewhere reading q_start would synchronise: every row is
+    # then biased)
+    lowest = _host_min(start)
+    lowest = -L - w if lowest is None else lowest
+    w_clear, f_clear = O - min(Pk, lowest), O + w - min(Pf, lowest)
 
     grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, k_fading, v_fading, k_memory, v_memory, q_fading))
@@ -688,12 +699,14 @@ def _resumed(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_val
         for c0_, c1_, e in w_edges:
             if c0_ >= cw:
                 x[..., c0_ - cw : c1_ - cw].add_(e)
-        x[..., :sw].add_(cols(w_bias, nb, j, cw, s0, s1)[:, None, None, :])
+        if O + (j - nb) * Bq + cw < w_clear:  # the band reaches rows with no key for some batch row
+            x[..., :sw].add_(cols(w_bias, nb, j, cw, s0, s1)[:, None, None, :])
         if sf:
             for c0_, c1_, e in f_edges:
                 if c0_ >= cf:
                     x[..., sw + c0_ - cf : sw + c1_ - cf].add_(e)
-            x[..., sw : sw + sf].add_(cols(f_bias, nbf, j, cf, s0, s1)[:, None, None, :])
+            if O + (j - nbf) * Bq + cf < f_clear:
+                x[..., sw : sw + sf].add_(cols(f_bias, nbf, j, cf, s0, s1)[:, None, None, :])
         if Sm:
             x[..., sw + sf :].add_(mem_bias[j, s0:s1])
 

@@ -229,23 +229,25 @@ class BMojoAttention(nn.Module):
             f = self.mamba.resume(u, state.mamba, rope)
             if m_f > 0:
                 fading = state.fading
-                kf, vf = self._fading_kv(f, rope)
                 if self.fading_query:
                     kw.update(q_fading=self._fading_q(u, rope))
                 if self.keeps_ssm_outputs:  # the window's tokens' fading keys, projected now at their positions
-                    f_window = fading.window_f.ordered("f", before, n)
-                    kf_w, vf_w = self._fading_kv(f_window.to(f.dtype), None if rope_window is None else
-                                                 tuple(x[..., -n:, :] for x in rope_window))
+                    f_window = fading.window_f.ordered("f", before, n)  # with the new ones: one projection
                     f_seq = torch.cat([f_window, f.to(f_window.dtype)], 1)
+                    rope_seq = None if rope is None else tuple(
+                        torch.cat([xw[..., -n:, :], x], -2) for xw, x in zip(rope_window, rope))
+                    kf_wn, vf_wn = self._fading_kv(f_seq.to(f.dtype), rope_seq)
                 else:
-                    kf_w, vf_w = fading.window_kv.ordered("k", before, n), fading.window_kv.ordered("v", before, n)
+                    kf, vf = self._fading_kv(f, rope)
+                    kf_wn = torch.cat([fading.window_kv.ordered("k", before, n).to(kf.dtype), kf], 1)
+                    vf_wn = torch.cat([fading.window_kv.ordered("v", before, n).to(vf.dtype), vf], 1)
                 # fading keys: the ring's m_f (none while the window ring grows: they would precede
                 # position 0), the window's n, the new T: index i is position start - n - n_f + i
                 n_f = fading.ring.capacity if n == w else 0
                 if host_start is not None:  # leave out the ring's slots before position 0 (nothing sees them)
                     n_f = min(n_f, max(host_start - w, 0))
-                kf_seq = torch.cat([fading.ring.ordered("k", before - w, n_f), kf_w.to(kf.dtype), kf], 1)
-                vf_seq = torch.cat([fading.ring.ordered("v", before - w, n_f), vf_w.to(vf.dtype), vf], 1)
+                kf_seq = torch.cat([fading.ring.ordered("k", before - w, n_f).to(kf_wn.dtype), kf_wn], 1)
+                vf_seq = torch.cat([fading.ring.ordered("v", before - w, n_f).to(vf_wn.dtype), vf_wn], 1)
                 kw.update(k_fading=kf_seq, v_fading=vf_seq, fading_window=m_f)
         if self.eidetic is not None:
             memory, eps_seq = self.eidetic.resume(state.eidetic, f, k_seq, v_seq, start, host_start)

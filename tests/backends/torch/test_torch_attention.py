@@ -303,10 +303,15 @@ def test_resumed_forward_and_gradients(case, q_fading, kernel):
     _check_attention(t, dict(window=case[5], fading_window=case[6], return_lse=True), torch.float32, fast=fast)
 
 
+@pytest.mark.parametrize("host_starts", [True, False], ids=["host-starts", "device-starts"])
 @pytest.mark.parametrize("case", RESUME_CASES)
 @pytest.mark.parametrize("q_fading", [False, True])
 @pytest.mark.parametrize("budget", [1, None])
-def test_resumed_inference_path(case, q_fading, budget):
+def test_resumed_inference_path(case, q_fading, budget, host_starts, monkeypatch):
+    """The inference path, with the rows' starts read on the host (CPU: key biases skipped where every
+    row holds a key) or not (other devices: every band biased)."""
+    if not host_starts:
+        monkeypatch.setattr(parallel, "_host_min", lambda start: None)
     t = {n: x.detach() for n, x in _resume_inputs(case, q_fading).items()}
     before = {n: x.clone() for n, x in t.items()}
     kw = dict(window=case[5], fading_window=case[6], return_lse=True)
