@@ -1029,7 +1029,7 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(1)
         update_cache(results, machine=machine_description().replace(" with 1 threads", "")
-                     + f"; {args.workers} runs in parallel, 1 torch thread each")
+                     + f"; {args.workers} run(s) at a time per invocation (invocations may overlap), 1 torch thread each")
         t0 = time.perf_counter()
         deadline = time.time() + 3600 * args.hours if args.hours else None
         run_groups([g for g in GROUPS if g in groups], results, args.workdir, args.workers, args.part, deadline)
