@@ -690,7 +690,7 @@ def write_report(cache: dict, results: str, part=None) -> str:
         todo = [s["name"] for s in specs if cached(cache, s) is None]
         missing_total += len(todo)
         lines.append(f"- **{g}**: {len(specs) - len(todo)} of {len(specs)} named runs done "
-                     f"(the plan has {len(full_plan()[g])} if K2 and K3 pass)"
+                     f"(the plan has {len(full_plan()[g])} if K1 and K2 pass)"
                      + (f"; missing: {', '.join(todo)}" if todo else "")
                      + (f"; not yet named: {'; '.join(blocked)}" if blocked else ""))
     complete = missing_total == 0 and final and not any(group_specs(cache, g)[1] for g in GROUPS)
