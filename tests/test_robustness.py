@@ -286,3 +286,25 @@ def test_decode_and_selection_name_bad_arguments():
         ops.innovation_select(torch.randn(1, 9, 4), 4, 2.0, 2)
     positions, valid = ops.innovation_select(torch.randn(2, 0, 4), 4, 3, 2)  # T = 0: no chunk
     assert positions.shape == valid.shape == (2, 0, 3)
+
+
+@pytest.mark.parametrize("stack", ["attention", "bmojo", "bmojo_f", "sliding_attention", "mixed"])
+@pytest.mark.parametrize("t", [3, 26], ids=["in-the-cache", "in-the-new-tokens"])
+def test_non_finite_inputs_in_a_resumed_forward_match_the_parallel_one(stack, t):
+    """A NaN in inputs_embeds at position t, before the cache or among the new tokens: the new tokens'
+    outputs after a cache of 20 positions equal the parallel forward's, NaN for NaN (the resumed path's
+    rings, fading keys and eidetic merges carry a non-finite key only to the queries that see it)."""
+    from bmojo import BMojoCache
+
+    layer_types = ALL_TYPES if stack == "mixed" else [stack, stack]
+    config = tiny_config(layer_types, rope_theta=10000.0)
+    net = lively(BMojoModel(config)).eval()
+    x = torch.randn(2, 37, 32)
+    x[0, t, 3] = float("nan")
+    with torch.no_grad():
+        parallel = net(inputs_embeds=x).last_hidden_state
+        cache = BMojoCache(config)
+        net(inputs_embeds=x[:, :20], past_key_values=cache)
+        resumed = net(inputs_embeds=x[:, 20:], past_key_values=cache).last_hidden_state
+    torch.testing.assert_close(resumed, parallel[:, 20:], atol=1e-4, rtol=0, equal_nan=True)
+    assert torch.isfinite(resumed[1]).all()  # the other row never sees it

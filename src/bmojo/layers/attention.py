@@ -211,9 +211,9 @@ class BMojoAttention(nn.Module):
         if self.window is None:
             kv = state.kv  # slot j holds position j - (seen - start): keys before position 0 are empty
             keys, values = torch.cat([kv.k[:, :seen], k.to(kv.k.dtype)], 1), torch.cat([kv.v[:, :seen], v.to(kv.v.dtype)], 1)
-            o = self.kernels.on(u.device).bmojo_attention(q, keys, values, window=None, q_start=start)
+            o, _ = self._attend(q, keys, values, dict(window=None, q_start=start), None, False)  # NaN-safe, as fresh
             kv.k[:, seen : seen + T], kv.v[:, seen : seen + T], kv.valid[:, seen : seen + T] = k, v, True
-            return self.o_proj(o.reshape(b, T, -1))
+            return self.o_proj(o)
 
         w, m_f = self.window, self.fading_window
         at = start if host_start is None else host_start  # the first new position, per row or shared
