@@ -35,8 +35,9 @@ Every run
     Evaluated every 250 steps on a fixed set (1000 sequences, seed 1234); stops when the accuracy has not
     improved by more than 0.5 points over three evaluations (bmojo.train's early stopping; never before
     step 1000, the plateau that precedes MQAR's sharp transitions) or at the cap: 2000 steps at K = 1,
-    4000 at K > 1 (CAP_FACTOR; the report marks every run that hit it). Learning rate: {3e-3, 1e-3, 1e-2} per member per setting (seed 0, at
-    budget B2), the best one reused for the member's other budgets and seeds. Seeds 0, 1, 2 (initialisation
+    4000 at K > 1 (CAP_FACTOR; the report marks every run that hit it). Learning rate: {3e-3, 1e-3,
+    1e-2} per member per setting (seed 0, at budget B2), the best one reused for the member's other
+    budgets and seeds. Seeds 0, 1, 2 (initialisation
     and data order; the data set is the same) for every reported point: mean and min-max. A run that
     diverges is recorded as such (it loses the lr sweep). The final model is the one at the stop step.
 
@@ -104,6 +105,11 @@ SETTINGS = {  # candidate MQAR data settings, in the order the recipe check trie
 }
 # K > 1 gets twice the steps: at 2000 the transformer was still gaining at K = 2 (98.9 % at the cap)
 CAP_FACTOR = {"K1": 1, "K2": 2, "K3": 2}
+
+
+def setting_cap(setting: str) -> int:
+    """The step cap of every run at ``setting``."""
+    return TRAIN["cap"] * CAP_FACTOR[setting]
 K_LEVELS = 2  # the study uses the first K_LEVELS candidates whose recipe check passes
 RECIPE_TARGET = 0.99
 BUDGETS = {"B1": 1536, "B2": 2048, "B3": 3072}
@@ -168,7 +174,7 @@ def run_spec(member: str, setting: str, budget: str, lr: float, seed: int = 0, k
     training settings must also match for a cached run to count (a changed protocol leaves old runs
     stale, and the report counts them as missing)."""
     knobs = KNOBS[member][budget] if knobs is None else knobs
-    b, cap = TRAIN["batch"], TRAIN["cap"] * CAP_FACTOR[setting]
+    b, cap = TRAIN["batch"], setting_cap(setting)
     name = f"{member}-{setting}{'' if budget == '-' else '-' + budget}{tag}-lr{lr:g}-s{seed}-b{b}-c{cap}"
     data = dict(SETTINGS[setting], power_a=1.0, random_non_queries=False, seed=TRAIN["data_seed"], num_examples=cap * b)
     return dict(name=name, member=member, setting=setting, kv=SETTINGS[setting]["num_kv_pairs"], budget=budget, lr=lr,
@@ -484,7 +490,7 @@ def cpu_seconds(specs: list[dict], cap_share: float, cache: dict | None = None, 
 
 
 def plan_text(cache: dict, part=None) -> str:
-    caps = ", ".join(f"{k} {TRAIN['cap'] * CAP_FACTOR[k]}" for k in ("K1", "K2"))
+    caps = ", ".join(f"{k} {setting_cap(k)}" for k in ("K1", "K2"))
     lines = ["Whole study if K1 and K2 pass (every run at the calibrated step times, 1 thread):", "",
              f"| group | runs | CPU-h at {TYPICAL_SHARE:.0%} of the cap (min / median ms) | at the cap ({caps}; min / median ms) |",
              "|---|---|---|---|"]
@@ -673,7 +679,8 @@ def write_report(cache: dict, results: str, part=None) -> str:
              f"- data: MQAR, T = 64, vocabulary 64, uniform query gaps, filler 0; settings "
              + ", ".join(f"{k} (K = {v['num_kv_pairs']})" for k, v in SETTINGS.items()) + " tried in that order",
              f"- training: batch {t['batch']}, AdamW (wd 0.1), warmup {t['warmup']}, cosine to 0.1x at the cap of "
-             + ", ".join(f"{t['cap'] * CAP_FACTOR[k]} ({k})" for k in SETTINGS) + f" steps, clip 1.0, fp32; evaluation every {t['eval_every']} steps on {t['eval_examples']} "
+             + ", ".join(f"{setting_cap(k)} ({k})" for k in SETTINGS)
+             + f" steps, clip 1.0, fp32; evaluation every {t['eval_every']} steps on {t['eval_examples']} "
              f"fixed sequences (seed {t['eval_seed']}); stop when accuracy has not improved by more than "
              f"{100 * t['min_delta']:g} points over {t['patience']} evaluations (not before step {t['min_steps']}), "
              "or at the cap",

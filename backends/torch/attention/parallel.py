@@ -580,10 +580,11 @@ def _rows_layout(x: torch.Tensor, offset: int, L: int) -> torch.Tensor:
     b, n, H, D = x.shape
     lo, hi = max(offset, 0), min(offset + n, L)
     buf = x.new_empty(b, H, L, D, dtype=torch.float32)
-    buf[:, :, : max(lo, 0) if hi > lo else L].zero_()  # only the rows x does not fill
-    if hi > lo:
-        buf[:, :, hi:].zero_()
-        buf[:, :, lo:hi] = x[:, lo - offset : hi - offset].transpose(1, 2)
+    if hi <= lo:
+        return buf.zero_().view(b * H * L, D)
+    buf[:, :, :lo].zero_()  # only the rows x does not fill
+    buf[:, :, hi:].zero_()
+    buf[:, :, lo:hi] = x[:, lo - offset : hi - offset].transpose(1, 2)
     return buf.view(b * H * L, D)
 
 

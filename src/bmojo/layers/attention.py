@@ -100,22 +100,20 @@ class BMojoAttention(nn.Module):
         kernel's products as 0 * NaN. So such keys are zeroed before the kernel, and every query that
         does see one gets NaN, as it would from the exact product."""
         b, T = q.shape[:2]
-        keys = {name: x for name, x in dict(k=k, v=v, k_fading=kw.get("k_fading"), v_fading=kw.get("v_fading"),
-                                             k_memory=None if memory is None else memory.k,
-                                             v_memory=None if memory is None else memory.v).items() if x is not None}
-        # a free check on CPU: one sum per tensor is finite when every element is (a sum that overflows
-        # only sends a clean tensor through the exact check below); skip the row masks when all are clean
-        clean = (not torch.compiler.is_compiling() and q.device.type == "cpu"
-                 and all(bool(torch.isfinite(x.sum(dtype=torch.float32))) for x in keys.values()))
+        keys = {name: x for name, x in dict(k=k, v=v, k_fading=kw.get("k_fading"), v_fading=kw.get("v_fading")).items()
+                if x is not None}
+        slots = () if memory is None else (memory.k, memory.v)
+        on_cpu = not torch.compiler.is_compiling() and q.device.type == "cpu"  # host reads are free there
         bad, bad_memory, poisoned = {}, None, None
-        if not clean:
-            bad = {name: _nonfinite_rows(x) for name, x in keys.items() if not name.endswith("_memory")}
+        # on CPU, one sum per tensor: finite when every element is (a sum that merely overflows only sends
+        # clean tensors through the exact row check below, which then finds nothing)
+        if not (on_cpu and all(bool(torch.isfinite(x.sum(dtype=torch.float32))) for x in (*keys.values(), *slots))):
+            bad = {name: _nonfinite_rows(x) for name, x in keys.items()}
             if memory is not None:
                 bad_memory = _nonfinite_rows(memory.k.flatten(1, 2)).view(memory.valid.shape) \
                     | _nonfinite_rows(memory.v.flatten(1, 2)).view(memory.valid.shape)
-            if not torch.compiler.is_compiling() and q.device.type == "cpu":  # only some tensor: which rows
-                if not any(bool(x.any()) for x in bad.values()) and (memory is None or not bool(bad_memory.any())):
-                    bad = {}
+            if on_cpu and not any(bool(x.any()) for x in bad.values()) and (memory is None or not bool(bad_memory.any())):
+                bad = {}
         if bad:
             poisoned = self._sees_nonfinite(T, bad, kw, memory, bad_memory)
             k = k.masked_fill(bad["k"].view(b, -1, 1, 1), 0).masked_fill(bad["v"].view(b, -1, 1, 1), 0)

@@ -60,15 +60,13 @@ class EideticMemory:
         candidate) at positions pos (b, n), whose keys and values are k, v (b, n, Hkv, D), or rows
         ``index`` (b, n) of k, v when given; only the kept rows are gathered."""
         eps_new, pos_new, idx = self.kernels.on(eps.device).merge_memory(memory.eps, memory.pos, eps, pos, self.slots)
-        if index is None:
-            return MemorySlots(k=_pick_merged(memory.k, k, idx), v=_pick_merged(memory.v, v, idx), eps=eps_new,
-                               pos=pos_new)
-        # the kept candidates' rows of k and v (memory slots keep idx < m_e); an empty slot holds zeros, as
-        # everywhere else (a non-candidate's row may hold anything, NaN included)
-        idx = torch.where(idx < self.slots, idx, self.slots + torch.gather(index, 1, (idx - self.slots).clamp(min=0)))
-        empty = (eps_new == float("-inf"))[:, :, None, None]
-        return MemorySlots(k=_pick_merged(memory.k, k, idx).masked_fill(empty, 0),
-                           v=_pick_merged(memory.v, v, idx).masked_fill(empty, 0), eps=eps_new, pos=pos_new)
+        if index is not None:  # the kept candidates' rows of k and v (memory slots keep idx < m_e)
+            idx = torch.where(idx < self.slots, idx, self.slots + torch.gather(index, 1, (idx - self.slots).clamp(min=0)))
+        k_new, v_new = _pick_merged(memory.k, k, idx), _pick_merged(memory.v, v, idx)
+        if index is not None:  # an empty slot holds zeros, as everywhere else (a non-candidate's row may not)
+            empty = (eps_new == float("-inf"))[:, :, None, None]
+            k_new, v_new = k_new.masked_fill(empty, 0), v_new.masked_fill(empty, 0)
+        return MemorySlots(k=k_new, v=v_new, eps=eps_new, pos=pos_new)
 
     def _candidates(self, chunk: torch.Tensor, first: int | torch.Tensor, last: torch.Tensor, k_seq, v_seq, eps_seq):
         """Chunk ``chunk`` (b,)'s new candidates, positions ((chunk-2)w, (chunk-1)w], from sequences
