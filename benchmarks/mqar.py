@@ -489,6 +489,14 @@ def cpu_seconds(specs: list[dict], cap_share: float, cache: dict | None = None, 
     return sum(map(run_s, specs))
 
 
+def expected_seconds(cache: dict, spec: dict) -> float:
+    """Wall seconds ``spec`` should take: its seed-0 twin's if cached, else the plan's estimate."""
+    twin = cache["runs"].get(spec["name"].replace(f"-s{spec['seed']}-", "-s0-"))
+    if twin is not None and twin.get("wall_s"):
+        return twin["wall_s"]
+    return cpu_seconds([spec], TYPICAL_SHARE, cache)
+
+
 def plan_text(cache: dict, part=None) -> str:
     caps = ", ".join(f"{k} {setting_cap(k)}" for k in ("K1", "K2"))
     lines = ["Whole study if K1 and K2 pass (every run at the calibrated step times, 1 thread):", "",
@@ -565,6 +573,8 @@ def run_groups(groups, results: str, workdir: str, workers: int, part=None, dead
                     and s["name"] not in attempted]
             if not todo:
                 break
+            if g == "seeds":  # longest first, so the workers run out of work together
+                todo.sort(key=lambda s: -expected_seconds(cache, s))
             print(f"== {g}", flush=True)
             attempted |= run_all(todo, results, workdir, workers, deadline)
 

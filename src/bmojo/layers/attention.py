@@ -92,6 +92,20 @@ class BMojoAttention(nn.Module):
         vf = self._heads((self.v_proj if tied else self.v_fading_proj)(f), self.num_kv_heads)
         return kf, vf
 
+    def _fading_kv_head(self, f, rope, n: int):
+        """Fading keys/values of f's first ``n`` positions, zeros after them: a fading key becomes
+        visible w positions after its own, so the last w of a call are read by no query of it (nor by a
+        state that keeps SSM outputs), and are not projected. f (b, T, d) -> two (b, T, Hkv, D)."""
+        T = f.shape[1]
+        n = min(max(n, 0), T)
+        if n == T:
+            return self._fading_kv(f, rope)
+        shape = (f.shape[0], T, self.num_kv_heads, self.head_dim)
+        if n == 0:
+            return f.new_zeros(shape), f.new_zeros(shape)
+        kf, vf = self._fading_kv(f[:, :n], None if rope is None else tuple(x[..., :n, :] for x in rope))
+        return tuple(torch.cat([x, x.new_zeros(shape[0], T - n, *shape[2:])], 1) for x in (kf, vf))
+
     def _attend(self, q, k, v, kw: dict, memory: ChunkMemory | None, output_attentions: bool):
         """o (b, T, Hq*D) and, if asked, the reference's weights per source position.
 
@@ -183,8 +197,9 @@ class BMojoAttention(nn.Module):
         f = kf = vf = memory = eps = None
         if self.use_fading:
             f = self.mamba(u, state.mamba if state is not None else None, lengths, rope)
-            if self.fading_window > 0:
-                kf, vf = self._fading_kv(f, rope)
+            if self.fading_window > 0:  # a state keeping fading keys (not SSM outputs) needs every one
+                used = T if state is not None and not self.keeps_ssm_outputs else T - self.window
+                kf, vf = self._fading_kv_head(f, rope, used)
                 kw.update(k_fading=kf, v_fading=vf, fading_window=self.fading_window)
                 if self.fading_query:
                     kw.update(q_fading=self._fading_q(u, rope))
@@ -194,7 +209,8 @@ class BMojoAttention(nn.Module):
         if state is not None:
             last = torch.full((b,), T - 1, device=u.device) if lengths is None else lengths - 1
             with torch.no_grad():
-                self._hand_off(state, last, (k, v, 0), (kf, vf, 0), (f, 0), memory, eps, 0)
+                self._hand_off(state, last, (k, v, 0), (kf, vf, 0), (f, 0), memory, eps, 0,
+                               host_last=T - 1 if lengths is None else None)
         return self.o_proj(o), weights
 
     # -- new tokens after a state ---------------------------------------------------------------
@@ -234,7 +250,7 @@ class BMojoAttention(nn.Module):
                     f_seq = torch.cat([f_window, f.to(f_window.dtype)], 1)
                     rope_seq = None if rope is None else tuple(
                         torch.cat([xw[..., -n:, :], x], -2) for xw, x in zip(rope_window, rope))
-                    kf_wn, vf_wn = self._fading_kv(f_seq.to(f.dtype), rope_seq)
+                    kf_wn, vf_wn = self._fading_kv_head(f_seq.to(f.dtype), rope_seq, n + T - w)
                 else:
                     kf, vf = self._fading_kv(f, rope)
                     kf_wn = torch.cat([fading.window_kv.ordered("k", before, n).to(kf.dtype), kf], 1)
