@@ -789,8 +789,9 @@ def _full_causal_resumed(q, k, v, scale, return_lse, q_start):
     s = start[:, None] - (Tk - T) + torch.arange(Tk, device=q.device)[None, :]  # (b, Tk)
     mask = (s[:, None, :] <= t[:, :, None]) & (s[:, None, :] >= 0)  # (b, T, Tk)
     qt, kt, vt = (x.float().transpose(1, 2) for x in (q, k, v))
-    if not return_lse:
-        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[:, None], scale=scale, enable_gqa=Hq > Hkv)
+    if not return_lse:  # an additive mask: SDPA would convert a boolean one (twice on CPU), ~15 % slower
+        bias = torch.zeros(b, 1, T, Tk, device=q.device).masked_fill_(~mask[:, None], float("-inf"))
+        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=bias, scale=scale, enable_gqa=Hq > Hkv)
         return o.transpose(1, 2).to(q.dtype).contiguous()
     R = Hq // Hkv
     sc = torch.matmul(qt.reshape(b, Hkv, R, T, D), kt[:, :, None].transpose(-1, -2)) * scale

@@ -224,9 +224,10 @@ class BMojoAttention(nn.Module):
         q, k, v = self._qkv(u, rope)
         if self.window is None:
             kv = state.kv  # slot j holds position j - (seen - start): keys before position 0 are empty
-            keys, values = torch.cat([kv.k[:, :seen], k.to(kv.k.dtype)], 1), torch.cat([kv.v[:, :seen], v.to(kv.v.dtype)], 1)
-            o, _ = self._attend(q, keys, values, dict(window=None, q_start=start), None, False)  # NaN-safe, as fresh
             kv.k[:, seen : seen + T], kv.v[:, seen : seen + T], kv.valid[:, seen : seen + T] = k, v, True
+            # the cache's first seen + T slots, read in place (views, not a copy of the cache)
+            o, _ = self._attend(q, kv.k[:, : seen + T], kv.v[:, : seen + T], dict(window=None, q_start=start), None,
+                                False)  # NaN-safe, as fresh
             return self.o_proj(o)
 
         w, m_f = self.window, self.fading_window
