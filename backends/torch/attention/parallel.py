@@ -593,6 +593,15 @@ def _host_min(start: torch.Tensor) -> int | None:
     return int(start.min()) if start.device.type == "cpu" and start.numel() else None
 
 
+def _chunks_per_block(start: torch.Tensor, w: int, Bq: int, n_blk: int) -> int:
+    """Memory chunks one query block may touch (Bq <= w): 1 when no block of any row crosses a chunk
+    boundary, known on the host for CPU tensors only (elsewhere reading start would synchronise), else 2."""
+    if start.device.type != "cpu":
+        return 2
+    phases = {s % w for s in start.tolist()}
+    return 1 if all((p + j * Bq) % w + Bq <= w for p in phases for j in range(n_blk)) else 2
+
+
 def _resumed(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_valid, scale, return_lse, Bq,
              budget, q_start, q_fading=None):
     """Queries at positions q_start + j (per row) after keys that precede them: a decoding state's
@@ -677,15 +686,16 @@ def _resumed(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_val
         c0 = torch.div(start, w, rounding_mode="floor")
         t = start[:, None] + torch.arange(Tp, device=device)[None, :]  # (b, Tp) query positions
         t_chunk = (torch.div(t, w, rounding_mode="floor") - c0[:, None]).view(b, n_blk, Bq)
-        cid = t_chunk[:, :, :1] + torch.arange(2, device=device)  # (b, n_blk, 2): the chunks a block touches
+        n_span = _chunks_per_block(start, w, Bq, n_blk)
+        cid = t_chunk[:, :, :1] + torch.arange(n_span, device=device)  # (b, n_blk, n_span): the chunks a block touches
         cid_c = cid.clamp(max=n_chunks - 1)
-        Sm = 2 * m_e
+        Sm = n_span * m_e
         idx = torch.arange(b, device=device)[:, None, None]
         Km, Vm = (x.float()[idx, cid_c].permute(1, 0, 4, 2, 3, 5).reshape(n_blk, segs, Sm, D)
                   for x in (k_memory, v_memory))
         valid = (torch.ones(b, n_chunks, m_e, dtype=torch.bool, device=device) if memory_valid is None
-                 else memory_valid.bool().to(device))[idx, cid_c] & (cid < n_chunks)[..., None]  # (b, n_blk, 2, m_e)
-        vis = (t_chunk[..., None] == cid[:, :, None, :])[..., None] & valid[:, :, None]  # (b, n_blk, Bq, 2, m_e)
+                 else memory_valid.bool().to(device))[idx, cid_c] & (cid < n_chunks)[..., None]  # (b, n_blk, n_span, m_e)
+        vis = (t_chunk[..., None] == cid[:, :, None, :])[..., None] & valid[:, :, None]  # (b, n_blk, Bq, n_span, m_e)
         mem_bias = torch.zeros(n_blk, b, Bq, Sm, device=device).masked_fill_(
             ~vis.reshape(b, n_blk, Bq, Sm).transpose(0, 1), NEG)
         mem_bias = mem_bias[:, :, None].expand(n_blk, b, Hkv, Bq, Sm).reshape(n_blk, segs, 1, Bq, Sm)

@@ -264,6 +264,7 @@ RESUME_CASES = [
     (1, 17, 2, 1, 8, 4, 3, 1, (6,), 4),        # m_f < w, more memory chunks than needed
     (2, 5, 2, 1, 16, 4, 3, 0, (5, 30), 64, (2, 4)),  # fewer keys given than the bands reach back: the rest absent
     (1, 11, 2, 1, 8, 6, 9, 2, (20,), 4, (0, 3)),     # no earlier key, 3 earlier fading keys, several blocks
+    (2, 19, 4, 2, 8, 8, 5, 2, (16, 40), 4),    # starts on block boundaries: no block crosses a memory chunk
 ]
 
 
@@ -312,6 +313,7 @@ def test_resumed_inference_path(case, q_fading, budget, host_starts, monkeypatch
     row holds a key) or not (other devices: every band biased)."""
     if not host_starts:
         monkeypatch.setattr(parallel, "_host_min", lambda start: None)
+        monkeypatch.setattr(parallel, "_chunks_per_block", lambda *a: 2)
     t = {n: x.detach() for n, x in _resume_inputs(case, q_fading).items()}
     before = {n: x.clone() for n, x in t.items()}
     kw = dict(window=case[5], fading_window=case[6], return_lse=True)
