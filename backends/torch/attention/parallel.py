@@ -795,17 +795,24 @@ def _full_causal_resumed(q, k, v, scale, return_lse, q_start):
     b, T, Hq, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     start = q_start.to(device=q.device, dtype=torch.long)
-    t = start[:, None] + torch.arange(T, device=q.device)[None, :]  # (b, T)
-    s = start[:, None] - (Tk - T) + torch.arange(Tk, device=q.device)[None, :]  # (b, Tk)
-    mask = (s[:, None, :] <= t[:, :, None]) & (s[:, None, :] >= 0)  # (b, T, Tk)
+
+    def visible():  # (b, T, Tk) bool
+        t = start[:, None] + torch.arange(T, device=q.device)[None, :]  # (b, T)
+        s = start[:, None] - (Tk - T) + torch.arange(Tk, device=q.device)[None, :]  # (b, Tk)
+        return (s[:, None, :] <= t[:, :, None]) & (s[:, None, :] >= 0)
+
     qt, kt, vt = (x.float().transpose(1, 2) for x in (q, k, v))
     if not return_lse:  # an additive mask: SDPA would convert a boolean one (twice on CPU), ~15 % slower
-        bias = torch.zeros(b, 1, T, Tk, device=q.device).masked_fill_(~mask[:, None], float("-inf"))
+        lowest = _host_min(start)
+        if lowest is not None and lowest >= Tk - T:  # every key exists: one causal mask, aligned lower right
+            bias = torch.full((T, Tk), float("-inf"), device=q.device).triu_(Tk - T + 1)
+        else:
+            bias = torch.zeros(b, 1, T, Tk, device=q.device).masked_fill_(~visible()[:, None], float("-inf"))
         o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=bias, scale=scale, enable_gqa=Hq > Hkv)
         return o.transpose(1, 2).to(q.dtype).contiguous()
     R = Hq // Hkv
     sc = torch.matmul(qt.reshape(b, Hkv, R, T, D), kt[:, :, None].transpose(-1, -2)) * scale
-    sc = sc.masked_fill(~mask[:, None, None], float("-inf"))
+    sc = sc.masked_fill(~visible()[:, None, None], float("-inf"))
     lse = torch.logsumexp(sc, dim=-1)
     o = torch.matmul(torch.exp(sc - lse[..., None]), vt[:, :, None]).reshape(b, Hq, T, D)
     return o.transpose(1, 2).to(q.dtype).contiguous(), lse.reshape(b, Hq, T).transpose(1, 2).contiguous()

@@ -326,6 +326,26 @@ def test_resumed_inference_path(case, q_fading, budget, host_starts, monkeypatch
         assert torch.equal(t[n], x), f"{n} was modified"
 
 
+@pytest.mark.parametrize("host_starts", [True, False], ids=["host-starts", "device-starts"])
+@pytest.mark.parametrize("starts", [(7, 9), (3, 12), (0, 0)], ids=["all-keys", "some-absent", "none-before"])
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_full_causal_resumed(starts, return_lse, host_starts, monkeypatch):
+    """window=None after a cache of 7 slots (a row starting before 7 has padding slots, whose keys do not
+    exist): the mask built per row, or the one lower-right causal mask when every key exists."""
+    if not host_starts:
+        monkeypatch.setattr(parallel, "_host_min", lambda start: None)
+    g = torch.Generator().manual_seed(3)
+    P = 0 if starts == (0, 0) else 7
+    q = torch.randn(2, 11, 4, 8, generator=g)
+    k, v = (torch.randn(2, P + 11, 2, 8, generator=g) for _ in range(2))
+    kw = dict(window=None, q_start=torch.tensor(starts), return_lse=return_lse)
+    with torch.no_grad():
+        got, want = bmojo_attention_blocksparse(q, k, v, **kw), ops.bmojo_attention_ref(q, k, v, **kw)
+    got, want = (got, want) if return_lse else ((got,), (want,))
+    for name, a, e in zip(("o", "lse"), got, want):
+        _close(a, e, torch.float32, name)
+
+
 # ----------------------------------------------------------------------------- decoding step
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
