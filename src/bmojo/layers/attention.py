@@ -261,8 +261,10 @@ class BMojoAttention(nn.Module):
                 n_f = fading.ring.capacity if n == w else 0
                 if host_start is not None:  # leave out the ring's slots before position 0 (nothing sees them)
                     n_f = min(n_f, max(host_start - w, 0))
-                kf_seq = torch.cat([fading.ring.ordered("k", before - w, n_f).to(kf_wn.dtype), kf_wn], 1)
-                vf_seq = torch.cat([fading.ring.ordered("v", before - w, n_f).to(vf_wn.dtype), vf_wn], 1)
+                kf_seq, vf_seq = kf_wn, vf_wn
+                if n_f:
+                    kf_seq = torch.cat([fading.ring.ordered("k", before - w, n_f).to(kf_wn.dtype), kf_wn], 1)
+                    vf_seq = torch.cat([fading.ring.ordered("v", before - w, n_f).to(vf_wn.dtype), vf_wn], 1)
                 kw.update(k_fading=kf_seq, v_fading=vf_seq, fading_window=m_f)
         if self.eidetic is not None:
             memory, eps_seq = self.eidetic.resume(state.eidetic, f, k_seq, v_seq, start, host_start)
