@@ -173,17 +173,19 @@ class Ring(RowState):
         holds them after position ``last``; positions before 0 or before ``first`` hold ``fill``.
         ``last`` and ``first`` are per row (b,) tensors, or ints when every row sits at the same position
         (then slices: the held positions, oldest first, are a slice of each sequence after the empty
-        ones, and slot p % capacity is a rotation of that: one copy)."""
+        ones, and slot p % capacity is a rotation of that, copied into the ring's own tensors)."""
         cap = self.capacity
         if isinstance(last, int) and not torch.is_tensor(first):
             lo = last - cap + 1
             n_empty = min(max(max(first, 0) - lo, 0), cap)
-            rot = (last + 1) % cap
+            rot = (last + 1) % cap  # the slot of the oldest position held
             for name, x in sequences.items():
-                seq = x[:, lo + n_empty - first : last + 1 - first].to(self.data[name].dtype)
+                seq = x[:, lo + n_empty - first : last + 1 - first]
                 if n_empty:
                     seq = torch.cat([seq.new_full((x.shape[0], n_empty, *x.shape[2:]), self.fill), seq], 1)
-                self.data[name] = torch.cat([seq[:, cap - rot :], seq[:, : cap - rot]], 1) if rot else seq.contiguous()
+                buf = self.data[name]  # written in place: its strides and address stay (compiled steps)
+                buf[:, rot:] = seq[:, : cap - rot]
+                buf[:, :rot] = seq[:, cap - rot :]
             return
         last = last if torch.is_tensor(last) else torch.full_like(first, last)
         p = self.positions(last)
