@@ -162,7 +162,8 @@ def forward_flops(config: BMojoConfig, seq_len: int) -> dict[str, int]:
                 w = c.sliding_window
                 keys = torch.clamp(t + 1, max=w)
                 if lt in ("bmojo_f", "bmojo"):
-                    out["linear"] += 2 * T * 2 * d * hkv * hd  # fading keys / values
+                    # fading keys / values where a query reads them: a fading key is first read w positions after its own
+                    out["linear"] += 2 * max(T - w, 0) * 2 * d * hkv * hd
                     keys = keys + torch.clamp(t - w + 1, min=0, max=c.effective_fading_window)
                 if lt == "bmojo":  # chunk c may hold the positions <= (c - 1) w
                     keys = keys + torch.clamp((t // w - 1) * w + 1, min=0, max=c.memory_slots)
