@@ -356,7 +356,8 @@ def main() -> int:
             f"## Generation: decoding, resuming after a cache, padded batches\n\n"
             f"Decode: {steps} greedy steps per round, eager (the model's forward, one token) and compiled "
             f"(`CompiledDecoding`, a cache allocated at its final size; compile time apart). Resume: one forward "
-            f"of 512 new tokens after a cache of 512, against a fresh 512-token prefill of the same model (both calls return a cache). Padded "
+            f"of 512 new tokens after a cache of 512, against a fresh 512-token prefill of the same model (both calls "
+            f"return a cache; median of {2 * repeat + 1} rounds). Padded "
             f"batch: 4 rows of T, 3T/4, T/2, T/4 tokens left-padded to T in one pass (real tokens/s), against the "
             f"4 rows unpadded.\n\n{format_table(gen_rows)}\n\n{decode_text}\n\n"
             f"## All figures\n\n{format_table(rows)}\n")
