@@ -832,12 +832,17 @@ def write_report(cache: dict, results: str, part=None) -> str:
                           f"(m_e {' -> '.join(str(me) for me, _ in abl)})"]
 
     # runs at the cap
-    caps = sorted(r["name"] for r in cache["runs"].values() if _ok(r) and r.get("stop") == "cap")
+    # the plan's runs only: the cache also keeps runs of earlier protocol revisions (other caps), unused
+    planned = [r for r in (cached(cache, x) for g in GROUPS for x in group_specs(cache, g)[0]) if r is not None]
+    caps = sorted({r["name"] for r in planned if _ok(r) and r.get("stop") == "cap"})
     lines += ["", "## Runs that hit the cap (still improving, or too slow to tell, when they stopped)", "",
               ", ".join(caps) if caps else "none", ""]
     inv = cache.get("invocations", [])
-    total = sum(r.get("wall_s", 0) for r in cache["runs"].values())
-    lines += [f"CPU time of the {len(cache['runs'])} cached runs: {total / 3600:.2f} h (one thread each); "
+    unique = {r["name"]: r for r in planned}
+    total = sum(r.get("wall_s", 0) for r in unique.values())
+    stale = sum(r.get("wall_s", 0) for n, r in cache["runs"].items() if n not in unique)
+    lines += [f"CPU time of the plan's {len(unique)} runs: {total / 3600:.2f} h (each run's wall time, one thread; "
+              f"shared with other jobs at times); {stale / 3600:.2f} h more in runs of earlier revisions kept in the cache; "
               f"{len(inv)} invocation(s), {sum(inv) / 3600:.2f} h of wall time.", "",
               "![accuracy vs memory](mqar_fig2.png)", "", "![eidetic ablation](mqar_eidetic.png)", ""]
 
