@@ -105,11 +105,6 @@ SETTINGS = {  # candidate MQAR data settings, in the order the recipe check trie
 }
 # K > 1 gets twice the steps: at 2000 the transformer was still gaining at K = 2 (98.9 % at the cap)
 CAP_FACTOR = {"K1": 1, "K2": 2, "K3": 2}
-
-
-def setting_cap(setting: str) -> int:
-    """The step cap of every run at ``setting``."""
-    return TRAIN["cap"] * CAP_FACTOR[setting]
 K_LEVELS = 2  # the study uses the first K_LEVELS candidates whose recipe check passes
 RECIPE_TARGET = 0.99
 BUDGETS = {"B1": 1536, "B2": 2048, "B3": 3072}
@@ -138,6 +133,11 @@ STEP_MS = {  # ms per training step (batch 32, T = 64, 1 thread) measured in cal
     "bmojo-f-B1": (87, 88), "bmojo-f-B2": (92, 95), "bmojo-f-B3": (126, 167),
     "bmojo-B1": (91, 99), "bmojo-B2": (105, 132), "bmojo-B3": (126, 148),
 }
+
+
+def setting_cap(setting: str) -> int:
+    """The step cap of every run at ``setting``."""
+    return TRAIN["cap"] * CAP_FACTOR[setting]
 
 
 def memory_floats(config, seq_len: int) -> float:
@@ -491,7 +491,8 @@ def cpu_seconds(specs: list[dict], cap_share: float, cache: dict | None = None, 
 
 def expected_seconds(cache: dict, spec: dict) -> float:
     """Wall seconds ``spec`` should take: its seed-0 twin's if cached, else the plan's estimate."""
-    twin = cache["runs"].get(spec["name"].replace(f"-s{spec['seed']}-", "-s0-"))
+    twin = cached(cache, run_spec(spec["member"], spec["setting"], spec["budget"], spec["lr"], seed=0,
+                                  knobs=spec["knobs"], tag=spec["tag"]))
     if twin is not None and twin.get("wall_s"):
         return twin["wall_s"]
     return cpu_seconds([spec], TYPICAL_SHARE, cache)

@@ -173,7 +173,8 @@ class Ring(RowState):
         holds them after position ``last``; positions before 0 or before ``first`` hold ``fill``.
         ``last`` and ``first`` are per row (b,) tensors, or ints when every row sits at the same position
         (then slices: the held positions, oldest first, are a slice of each sequence after the empty
-        ones, and slot p % capacity is a rotation of that, copied into the ring's own tensors)."""
+        ones, and slot p % capacity is a rotation of that). Either way the ring's own tensors are written
+        in place: their strides and addresses stay (what compiled steps and CUDA graphs hold)."""
         cap = self.capacity
         if isinstance(last, int) and not torch.is_tensor(first):
             lo = last - cap + 1
@@ -183,7 +184,7 @@ class Ring(RowState):
                 seq = x[:, lo + n_empty - first : last + 1 - first]
                 if n_empty:
                     seq = torch.cat([seq.new_full((x.shape[0], n_empty, *x.shape[2:]), self.fill), seq], 1)
-                buf = self.data[name]  # written in place: its strides and address stay (compiled steps)
+                buf = self.data[name]
                 buf[:, rot:] = seq[:, : cap - rot]
                 buf[:, :rot] = seq[:, cap - rot :]
             return
@@ -195,7 +196,7 @@ class Ring(RowState):
             out = gather_positions(x, index).to(self.data[name].dtype)  # zeros where index < 0
             if self.fill != 0:
                 out = out.masked_fill((index < 0).view(*p.shape, *[1] * (out.dim() - 2)), self.fill)
-            self.data[name] = out
+            self.data[name].copy_(out)
 
     def ordered(self, name: str, last: torch.Tensor | int, count: int) -> torch.Tensor:
         """The ``count`` latest positions up to ``last`` (per row (b,), or an int for every row), oldest

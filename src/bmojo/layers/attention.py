@@ -96,12 +96,10 @@ class BMojoAttention(nn.Module):
         """Fading keys/values of f's first ``n`` positions, zeros after them: a fading key becomes
         visible w positions after its own, so the last w of a call are read by no query of it (nor by a
         state that keeps SSM outputs), and are not projected. f (b, T, d) -> two (b, T, Hkv, D)."""
-        if torch.compiler.is_compiling():  # traced: every position (a branch on n would specialise T)
-            return self._fading_kv(f, rope)
         T = f.shape[1]
-        n = min(max(n, 0), T)
-        if n == T:
+        if torch.compiler.is_compiling() or n >= T:  # traced: every position (a branch on n would specialise T)
             return self._fading_kv(f, rope)
+        n = max(n, 0)
         shape = (f.shape[0], T, self.num_kv_heads, self.head_dim)
         if n == 0:
             return f.new_zeros(shape), f.new_zeros(shape)
