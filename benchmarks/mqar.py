@@ -7,6 +7,7 @@ against its memory budget, every run trained until it stops improving.
     python benchmarks/mqar.py --only budgets          # part 3: budgets B1 and B3 at each member's best lr
     python benchmarks/mqar.py --only seeds --part 1/2 # part 4 (in halves): seeds 1 and 2 of every point
     python benchmarks/mqar.py --only ablation         # part 5: eidetic slots
+    python benchmarks/mqar.py --only lrcheck          # part 6: the other SSM members at mamba's lr (K2)
     python benchmarks/mqar.py                         # everything still missing, in that order
     python benchmarks/mqar.py --hours 1.5             # start no new run after 1.5 h (the rest waits)
     python benchmarks/mqar.py --report-only           # rebuild mqar.md and the plots from the cache
@@ -49,12 +50,15 @@ Budgets B1 / B2 / B3 = 1536 / 2048 / 3072 floats per layer: mamba N = 12 / 16 / 
 sliding layer) N = 16 / 24 / 40; bmojo-f N = m_f = 2 / 4 / 8; bmojo has bmojo-f's N with its fading
 tokens split half fading, half eidetic (m_f = m_e = 1 / 2 / 4). The transformer keeps 8192 (its KV cache
 at T = 64), swa 1024 (its window): one point each. Eidetic ablation: bmojo at B2's N and m_f with
-m_e in {2, 8, 32}, on the used setting with the largest K. Beyond the window: *far* queries are those whose
+m_e in {2, 8, 32}, on the used setting with the largest K. Learning-rate check: on that setting too,
+seeds 1 and 2 of every other SSM-bearing member at B2 at mamba's lr, where it differs from their own (one
+seed per lr, as the sweep gives, cannot tell a member that never leaves the 1/K plateau from one given an
+unlucky lr and seed; mamba left it in one seed of three). Beyond the window: *far* queries are those whose
 value lies w = 8 or more tokens back.
 
 Work order, parts and budget
     Groups, most important first: ``recipe`` (transformer check), ``sweep`` (every member at B2, three
-    lrs), ``budgets`` (B1, B3 at the best lr), ``seeds`` (seeds 1, 2 of every point), ``ablation``. A group
+    lrs), ``budgets`` (B1, B3 at the best lr), ``seeds`` (seeds 1, 2 of every point), ``ablation``, ``lrcheck``. A group
     runs what its dependencies allow (a member's budgets need its finished lr sweep); ``--plan`` and the
     report list what is done, missing and blocked. ``--part N/M`` takes a stable share of a group's runs
     (by a hash of the run name), ``--hours H`` starts nothing after H hours; invocations may run at the
@@ -64,7 +68,7 @@ Work order, parts and budget
     (mqar_runs.json) is left as it was; its report moves to mqar_v1.md when this one first writes mqar.md.
 
     Estimate (``--plan``; ms per step measured during calibration on the shared 2-core machine, 1 thread;
-    the table is in mqar_calibration.md): 114 runs if K1 and K2 pass, 9.5-11.3 CPU-hours if a run stops at
+    the table is in mqar_calibration.md): 114 runs if K1 and K2 pass (before the lrcheck group's 6), 9.5-11.3 CPU-hours if a run stops at
     75 % of its cap on average (minimum / median step times), 12.7-15.1 if every run went to its cap; two
     runs in parallel halve the wall time. Measured: the 42 K1 runs of the first order took 1.8 CPU-hours
     (most stopped at step 1000, solved), so the K1 half costs about a third of its estimate; K2 decides
@@ -124,7 +128,8 @@ LRS = (3e-3, 1e-3, 1e-2)  # run in this order: the calibrated value first
 SEEDS = (0, 1, 2)
 TRAIN = dict(batch=32, cap=2000, eval_every=250, patience=3, min_delta=0.005, min_steps=1000, warmup=100,
              eval_examples=1000, eval_seed=1234, data_seed=0)
-GROUPS = ("recipe", "sweep", "budgets", "seeds", "ablation")
+GROUPS = ("recipe", "sweep", "budgets", "seeds", "ablation", "lrcheck")
+LR_CHECK_MEMBER = "mamba"  # lrcheck: the other SSM-bearing members at this member's lr on the hardest setting
 TYPICAL_SHARE = 0.75  # the plan's guess of where an average run stops, as a share of its cap
 STEP_MS = {  # ms per training step (batch 32, T = 64, 1 thread) measured in calibration: (minimum, median)
     "transformer--": (33, 34), "swa--": (34, 35),
@@ -424,9 +429,13 @@ def group_specs(cache: dict, group: str) -> tuple[list[dict], list[str]]:
                         specs.append(run_spec(m, s, b, lr))
                     elif group == "seeds":
                         specs += [run_spec(m, s, b, lr, seed=seed) for seed in SEEDS[1:]]
+    elif group == "lrcheck":
+        if final and used:
+            specs, why = lr_check_runs(cache, hardest_setting(used))
+            blocked += why
     elif group == "ablation":
         if final and used:
-            s = ablation_setting(used)
+            s = hardest_setting(used)
             lr = best_lr(cache, "bmojo", s)
             if lr is None:
                 blocked.append(f"ablation at {s}: bmojo's lr sweep is not finished")
@@ -437,8 +446,28 @@ def group_specs(cache: dict, group: str) -> tuple[list[dict], list[str]]:
     return specs, blocked
 
 
-def ablation_setting(used: list[str]) -> str:
+def hardest_setting(used: list[str]) -> str:
+    """The used setting with the most key-value pairs: the eidetic ablation and the lr check run there."""
     return max(used, key=lambda s: SETTINGS[s]["num_kv_pairs"])
+
+
+def lr_check_runs(cache: dict, setting: str) -> tuple[list[dict], list[str]]:
+    """Seeds 1 and 2, at budget B2, of every other SSM-bearing member whose best lr at ``setting`` differs
+    from LR_CHECK_MEMBER's, at that member's lr (seed 0 is the sweep's run): whether a member left the
+    1/K plateau and another did not because of the lr each was given. (runs, why some cannot be named)"""
+    ref = best_lr(cache, LR_CHECK_MEMBER, setting)
+    if ref is None:
+        return [], [f"lrcheck at {setting}: {LR_CHECK_MEMBER}'s lr sweep is not finished"]
+    specs, blocked = [], []
+    for m in SSM_MEMBERS:
+        if m == LR_CHECK_MEMBER:
+            continue
+        own = best_lr(cache, m, setting)
+        if own is None:
+            blocked.append(f"lrcheck of {m} at {setting}: its lr sweep is not finished")
+        elif own != ref:
+            specs += [run_spec(m, setting, SWEEP_BUDGET, ref, seed=x) for x in SEEDS[1:]]
+    return specs, blocked
 
 
 def ablation_runs(setting: str, lr: float) -> list[dict]:
@@ -475,7 +504,11 @@ def full_plan(settings: tuple[str, ...] = ("K1", "K2")) -> dict[str, list[dict]]
                 if m != "swa" and b != SWEEP_BUDGET:
                     out["budgets"].append(run_spec(m, s, b, LRS[0]))
                 out["seeds"] += [run_spec(m, s, b, LRS[0], seed=x) for x in SEEDS[1:]]
-    out["ablation"] = ablation_runs(ablation_setting(list(settings)), LRS[0])
+    hardest = hardest_setting(list(settings))
+    out["ablation"] = ablation_runs(hardest, LRS[0])
+    # lrcheck: seeds 1, 2 of each other SSM member at LR_CHECK_MEMBER's lr (if it differs from their own)
+    out["lrcheck"] = [run_spec(m, hardest, SWEEP_BUDGET, LRS[2], seed=x)
+                      for m in SSM_MEMBERS if m != LR_CHECK_MEMBER for x in SEEDS[1:]]
     return out
 
 
@@ -574,7 +607,7 @@ def run_groups(groups, results: str, workdir: str, workers: int, part=None, dead
                     and s["name"] not in attempted]
             if not todo:
                 break
-            if g == "seeds":  # longest first, so the workers run out of work together
+            if g in ("seeds", "lrcheck"):  # longest first, so the workers run out of work together
                 todo.sort(key=lambda s: -expected_seconds(cache, s))
             print(f"== {g}", flush=True)
             attempted |= run_all(todo, results, workdir, workers, deadline)
@@ -809,7 +842,7 @@ def write_report(cache: dict, results: str, part=None) -> str:
     # ablation
     abl = []
     if final and used:
-        s = ablation_setting(used)
+        s = hardest_setting(used)
         lr = best_lr(cache, "bmojo", s)
         base = KNOBS["bmojo"][SWEEP_BUDGET]
         for me in ABLATION_SLOTS:
@@ -831,6 +864,38 @@ def write_report(cache: dict, results: str, part=None) -> str:
             v = [verdict(abl[i + 1][1], abl[i][1]).split()[0] for i in range(len(abl) - 1)]
             lines += ["", f"- **more eidetic slots, higher accuracy**: {', '.join(v)} "
                           f"(m_e {' -> '.join(str(me) for me, _ in abl)})"]
+
+    # lr check: the other SSM-bearing members at LR_CHECK_MEMBER's lr
+    if final and used:
+        s = hardest_setting(used)
+        ref = best_lr(cache, LR_CHECK_MEMBER, s)
+        kv = SETTINGS[s]["num_kv_pairs"]
+        off = (1 + 1 / kv) / 2  # a run above this left the 1/K copy plateau
+        rows = []
+        for m in SSM_MEMBERS:
+            accs = [cached(cache, run_spec(m, s, SWEEP_BUDGET, ref, seed=x)) for x in SEEDS] if ref else []
+            accs = [r["accuracy"] if _ok(r) else None for r in accs if r is not None]
+            if accs:
+                own = pts.get((m, s, SWEEP_BUDGET))
+                rows.append((m, accs, own))
+        if rows:
+            lines += ["", f"## Learning-rate check at {s}: every SSM-bearing member at {LR_CHECK_MEMBER}'s lr "
+                          f"({ref:g}), budget {SWEEP_BUDGET}", "",
+                      f"Each member's lr was picked on seed 0; at {s} a run either stays on the 1/K plateau or leaves "
+                      f"it, so the pick can rest on little. Here every member runs seeds {', '.join(map(str, SEEDS))} "
+                      f"at the lr {LR_CHECK_MEMBER} got (seed 0 is the sweep's run). *Left*: runs above "
+                      f"{_pct(off)} % (halfway from 1/K to 100 %).", "",
+                      "| model | own best lr | accuracy % per seed at this lr | left | at its own best lr (main table) |",
+                      "|---|---|---|---|---|"]
+            for m, accs, own in rows:
+                per_seed = " / ".join("diverged" if a is None else _pct(a) for a in accs)
+                left = sum(a is not None and a > off for a in accs)
+                lines.append(f"| {m} | {best_lr(cache, m, s):g} | {per_seed} | {left} of {len(accs)} | "
+                             f"{_span(own) if own else '-'} |")
+            others = [(a is not None and a > off) for m, accs, _ in rows if m != LR_CHECK_MEMBER for a in accs]
+            mine = [(a is not None and a > off) for m, accs, _ in rows if m == LR_CHECK_MEMBER for a in accs]
+            lines += ["", f"- **at {LR_CHECK_MEMBER}'s lr**: {LR_CHECK_MEMBER} left the plateau in {sum(mine)} of "
+                          f"{len(mine)} runs, the other members in {sum(others)} of {len(others)}"]
 
     # runs at the cap
     # the plan's runs only: the cache also keeps runs of earlier protocol revisions (other caps), unused
@@ -879,7 +944,7 @@ def write_report(cache: dict, results: str, part=None) -> str:
                     yerr=[[100 * (p["mean"] - p["lo"]) for _, p in abl], [100 * (p["hi"] - p["mean"]) for _, p in abl]],
                     label="all queries")
         ax.plot([me for me, _ in abl], [100 * (p["far"] or 0) for _, p in abl], "x:", color="tab:red", label="far")
-        ax.set_title(f"bmojo at {ablation_setting(used)}, N = {KNOBS['bmojo'][SWEEP_BUDGET]['d_state']}")
+        ax.set_title(f"bmojo at {hardest_setting(used)}, N = {KNOBS['bmojo'][SWEEP_BUDGET]['d_state']}")
         ax.legend(fontsize=8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("eidetic memory slots m_e")

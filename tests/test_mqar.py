@@ -256,7 +256,7 @@ def test_study_recipe_check_decides_the_settings(study):
     assert not blocked and len(sweep) == 2 * 3 * 5
     assert (sweep[0]["member"], sweep[0]["setting"], sweep[0]["budget"], sweep[0]["lr"]) == ("bmojo", "K1", "B2", 3e-3)
     assert study.group_specs(cache, "budgets")[1]  # blocked until the sweep is done
-    best = {"swa": 1e-3, "mamba": 1e-2, "hybrid": 3e-3, "bmojo-f": 1e-3, "bmojo": 3e-3}
+    best = {"swa": 1e-3, "mamba": 1e-2, "hybrid": 3e-3, "bmojo-f": 1e-2, "bmojo": 3e-3}
     for s in sweep:
         _put(study, cache, s, 0.6 if s["lr"] == best[s["member"]] else 0.5)
     budgets, blocked = study.group_specs(cache, "budgets")
@@ -267,6 +267,10 @@ def test_study_recipe_check_decides_the_settings(study):
     ablation, _ = study.group_specs(cache, "ablation")
     assert {s["setting"] for s in ablation} == {"K3"} and len(ablation) == 2 * 3
     assert sorted({s["model_overrides"]["memory_slots"] for s in ablation}) == [8, 32]
+    # the lr check: seeds 1, 2 at mamba's lr, at the largest K, for the members whose own lr differs
+    lrcheck, blocked = study.group_specs(cache, "lrcheck")
+    assert not blocked and {(s["member"], s["setting"], s["budget"], s["lr"], s["seed"]) for s in lrcheck} == {
+        (m, "K3", "B2", 1e-2, x) for m in ("hybrid", "bmojo") for x in (1, 2)}
     # a changed protocol leaves old records stale instead of reusing them
     spec = sweep[0]
     assert study.cached(cache, spec) is not None
@@ -317,6 +321,9 @@ def test_study_report_orderings_and_ship(study, tmp_path):
     assert "| bmojo >= bmojo-f | K2 | B2 | 90.0 vs 60.0 | holds (one seed) |" in text
     assert "**bmojo >= bmojo-f**: holds at 6 of 6 points" in text
     assert "- K2: **pass** (used)" in text
+    # every member shares mamba's lr here: the lr check's table holds the sweep's seed-0 runs only
+    assert "## Learning-rate check at K2: every SSM-bearing member at mamba's lr (0.003), budget B2" in text
+    assert "- **at mamba's lr**: mamba left the plateau in 0 of 1 runs, the other members in 1 of 3" in text
     study.write_report(cache, str(results))  # a second report does not touch mqar_v1.md
     assert (results / "mqar_v1.md").read_text() == "# the earlier protocol\n"
 
