@@ -331,7 +331,9 @@ def test_resumed_inference_path(case, q_fading, budget, host_starts, monkeypatch
 @pytest.mark.parametrize("return_lse", [False, True])
 def test_full_causal_resumed(starts, return_lse, host_starts, monkeypatch):
     """window=None after a cache of 7 slots (a row starting before 7 has padding slots, whose keys do not
-    exist): the mask built per row, or the one lower-right causal mask when every key exists."""
+    exist): the mask built per row, or the one lower-right causal mask when every key exists (queries in
+    blocks of 4 here, the last one partial, each over the keys up to its last query)."""
+    monkeypatch.setattr(parallel, "FULL_RESUME_BLOCK", 4)
     if not host_starts:
         monkeypatch.setattr(parallel, "_host_min", lambda start: None)
     g = torch.Generator().manual_seed(3)
