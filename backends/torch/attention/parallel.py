@@ -82,7 +82,8 @@ def _pick_block(window: int, target: int) -> int:
     return target
 
 
-def _edge_biases(span: int, nbx: int, Bq: int, device: torch.device) -> tuple[tuple[int, int, torch.Tensor], ...]:
+def _edge_biases(span: int, nbx: int, Bq: int, device: torch.device,
+                 key_major: bool = False) -> tuple[tuple[int, int, torch.Tensor], ...]:
     """The column blocks of a band that are only partly visible, with their additive bias (Bq, Bq).
 
     A band has ``Bq`` query rows and ``(nbx+1) Bq`` key columns; column c of query block j is position
@@ -90,13 +91,14 @@ def _edge_biases(span: int, nbx: int, Bq: int, device: torch.device) -> tuple[tu
     same for every block. Returns (first column, last column + 1, bias with 0 / -inf) per partial block.
     Which blocks are partial is decided in Python, so tracing sees constants, not a data-dependent branch;
     the biases are cached in eager mode only (a cache must not keep tensors created while tracing).
+    ``key_major``: each bias stored transposed (same values), to be added to key-major scores.
     """
     if torch.compiler.is_compiling():
-        return _make_edge_biases(span, nbx, Bq, device)
-    return _cached_edge_biases(span, nbx, Bq, device)
+        return _make_edge_biases(span, nbx, Bq, device, key_major)
+    return _cached_edge_biases(span, nbx, Bq, device, key_major)
 
 
-def _make_edge_biases(span: int, nbx: int, Bq: int, device: torch.device):
+def _make_edge_biases(span: int, nbx: int, Bq: int, device: torch.device, key_major: bool = False):
     out = []
     for kb in range(nbx + 1):
         # key - query over the block ranges over [(kb - nbx) Bq - (Bq - 1), (kb - nbx) Bq + (Bq - 1)]
@@ -104,7 +106,8 @@ def _make_edge_biases(span: int, nbx: int, Bq: int, device: torch.device):
             continue  # fully visible
         rel = torch.arange(kb * Bq, (kb + 1) * Bq, device=device)[None, :] - nbx * Bq - torch.arange(Bq, device=device)[:, None]
         visible = (rel <= 0) & (rel > -span)
-        out.append((kb * Bq, (kb + 1) * Bq, torch.zeros(Bq, Bq, device=device).masked_fill_(~visible, float("-inf"))))
+        bias = torch.zeros(Bq, Bq, device=device).masked_fill_(~visible, float("-inf"))
+        out.append((kb * Bq, (kb + 1) * Bq, bias.t().contiguous().t() if key_major else bias))
     return tuple(out)
 
 
@@ -172,11 +175,11 @@ def _banded(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_vali
 
     Kw = _segment_layout(k, 0, P * Bq, Tp)
     Vw = _segment_layout(v, 0, P * Bq, Tp)
-    w_edges = _edge_biases(w, nb, Bq, device)
+    w_edges = _edge_biases(w, nb, Bq, device, key_major=not grad)
     if fading:
         Kf = _segment_layout(k_fading, w, P * Bq, Tp)
         Vf = _segment_layout(v_fading, w, P * Bq, Tp)
-        f_edges = _edge_biases(m_f, nbf, Bq, device)
+        f_edges = _edge_biases(m_f, nbf, Bq, device, key_major=not grad)
 
     def band(x, nbx, g0, g1):
         """(G, D, S) overlapping view: column c of block g is row (P - nbx + g) Bq + c of x."""
@@ -207,7 +210,11 @@ def _banded(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_vali
             else:
                 vis = vis.reshape(b, n_blk, 1, Sm)
             mem_bias = torch.zeros(vis.shape, device=device).masked_fill_(~vis, NEG)
-            mem_bias = mem_bias[:, None].expand(b, Hkv, *vis.shape[1:]).reshape(Ntot, 1, vis.shape[2], Sm)
+            mem_bias = mem_bias[:, None].expand(b, Hkv, *vis.shape[1:])
+            if grad:
+                mem_bias = mem_bias.reshape(Ntot, 1, vis.shape[2], Sm)
+            else:  # stored key-major, like the scores it is added to
+                mem_bias = mem_bias.transpose(-1, -2).reshape(Ntot, 1, Sm, vis.shape[2]).transpose(-1, -2)
 
     # groups of query blocks, each under the score budget. When a segment's leading fading-free blocks
     # hold enough work, they form groups without the fading band; else blocks are grouped as they come
@@ -272,12 +279,17 @@ def _banded(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_vali
                 parts.append(torch.bmm(Qg, Km[g0:g1].transpose(1, 2)))
             sc = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
         else:
-            sc = sbuf[: G * RB * S].view(G, RB, S)
-            torch.bmm(Qg, band(Kw, nb, g0, g1), out=sc[:, :, :Sw])
+            # scores held key-major, (G, S, RB), and read through a (G, RB, S) view: each part's product
+            # then fills whole rows of the buffer, where bmm writes directly; a column slice of a
+            # (G, RB, S) buffer makes it compute into a temporary and copy (~1.5x slower on CPU)
+            scT = sbuf[: G * RB * S].view(G, S, RB)
+            QgT = Qg.transpose(1, 2)
+            torch.bmm(band(Kw, nb, g0, g1).transpose(1, 2), QgT, out=scT[:, :Sw])
             if has_f:
-                torch.bmm(Qfg, band(Kf, nbf, g0, g1), out=sc[:, :, Sw:mo])
+                torch.bmm(band(Kf, nbf, g0, g1).transpose(1, 2), Qfg.transpose(1, 2), out=scT[:, Sw:mo])
             if Sm:
-                torch.bmm(Qg, Km[g0:g1].transpose(1, 2), out=sc[:, :, mo:])
+                torch.bmm(Km[g0:g1], QgT, out=scT[:, mo:])
+            sc = scT.transpose(1, 2)
         # visibility: band edges (same for every block), segment starts, memory validity. Inference
         # masks the scores in place; autograd adds one bias tensor (in-place ops on views of the scores
         # would each cost a full copy of the gradient in backward)
@@ -665,13 +677,13 @@ def _resumed(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_val
     # or where no key is given (rows before the first one)
     w_bias = torch.zeros(b, L, device=device).masked_fill_((rows - O + start[:, None] < 0) | (rows < O - Pk), NEG)
     w_bias = w_bias[:, None].expand(b, Hkv, L).reshape(segs, L)
-    w_edges = _edge_biases(w, nb, Bq, device)
+    w_edges = _edge_biases(w, nb, Bq, device, key_major=not grad)
     if fading:  # fading key i at row O + w - Pf + i: the band of the sequence shifted by w, as in _banded
         Kf, Vf = (_rows_layout(x, O + w - Pf, L).view(segs, L, D) for x in (k_fading, v_fading))
         f_bias = torch.zeros(b, L, device=device).masked_fill_(
             (rows - O - w + start[:, None] < 0) | (rows < O + w - Pf), NEG)
         f_bias = f_bias[:, None].expand(b, Hkv, L).reshape(segs, L)
-        f_edges = _edge_biases(m_f, nbf, Bq, device)
+        f_edges = _edge_biases(m_f, nbf, Bq, device, key_major=not grad)
 
     def cols(x, nbx, j, c0, s0, s1):
         """Block j's band of width (nbx+1) Bq, from its column c0 on, in segments s0..s1: a view (G, S', ...)."""
@@ -701,7 +713,11 @@ def _resumed(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_val
         vis = (t_chunk[..., None] == cid[:, :, None, :])[..., None] & valid[:, :, None]  # (b, n_blk, Bq, n_span, m_e)
         mem_bias = torch.zeros(n_blk, b, Bq, Sm, device=device).masked_fill_(
             ~vis.reshape(b, n_blk, Bq, Sm).transpose(0, 1), NEG)
-        mem_bias = mem_bias[:, :, None].expand(n_blk, b, Hkv, Bq, Sm).reshape(n_blk, segs, 1, Bq, Sm)
+        mem_bias = mem_bias[:, :, None].expand(n_blk, b, Hkv, Bq, Sm)
+        if grad:
+            mem_bias = mem_bias.reshape(n_blk, segs, 1, Bq, Sm)
+        else:  # stored key-major, like the scores it is added to
+            mem_bias = mem_bias.transpose(-1, -2).reshape(n_blk, segs, 1, Sm, Bq).transpose(-1, -2)
 
     S = Sw + Sf + Sm
     per_group = max(1, min(segs, budget // (RB * S * 4)))  # segments per step: block j of each
@@ -761,12 +777,15 @@ def _resumed(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_val
                     og = torch.baddbmm(og, ps[-1], Vm[j, s0:s1])
                 outs.append(og)
                 continue
-            sc = sbuf[: G * RB * Sg].view(G, RB, Sg)  # inference: in place, in log2 units
-            torch.bmm(Qg, cols(Kw, nb, j, cw, s0, s1).transpose(1, 2), out=sc[:, :, :sw])
+            # inference: in place, in log2 units, held key-major as in _banded
+            scT = sbuf[: G * RB * Sg].view(G, Sg, RB)
+            QgT = Qg.transpose(1, 2)
+            torch.bmm(cols(Kw, nb, j, cw, s0, s1), QgT, out=scT[:, :sw])
             if sf:
-                torch.bmm(Qfg, cols(Kf, nbf, j, cf, s0, s1).transpose(1, 2), out=sc[:, :, sw : sw + sf])
+                torch.bmm(cols(Kf, nbf, j, cf, s0, s1), Qfg.transpose(1, 2), out=scT[:, sw : sw + sf])
             if Sm:
-                torch.bmm(Qg, Km[j, s0:s1].transpose(1, 2), out=sc[:, :, sw + sf :])
+                torch.bmm(Km[j, s0:s1], QgT, out=scT[:, sw + sf :])
+            sc = scT.transpose(1, 2)
             mask_(sc.view(G, R, Bq, Sg), j, s0, s1, cw, cf)
             mx = sc.amax(-1, keepdim=True).clamp_(min=-1e30)  # padded query rows see nothing: keep them finite
             p = sc.sub_(mx).exp2_()
