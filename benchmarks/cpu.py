@@ -7,7 +7,9 @@ mamba preset's weights and ``LlamaForCausalLM`` (sdpa) on the transformer preset
 Measures prefill tokens/s at T = 2048 and 8192, decode tokens/s after a 256- and a 16384-token prompt,
 and peak memory of a forward pass against T up to 32768 (each memory point in a fresh subprocess:
 peak resident set size above the size after building the model, so allocator reuse across points
-cannot hide growth; the kernel's peak-RSS mark is reset first). Writes benchmarks/results/cpu.md and cpu.png and prints the issue's target
+cannot hide growth; the kernel's peak-RSS mark is reset first), and the resume ratio (512 tokens after a
+512-token cache against a fresh 512-token prefill) as the median over 5 fresh processes: one process's heap
+and page layout moves that ratio by more than a run's noise. Writes benchmarks/results/cpu.md and cpu.png and prints the issue's target
 ratios, each measured in this same run.
 
     python benchmarks/cpu.py              # the full run (about 15-25 minutes on 2 cores)
@@ -144,6 +146,32 @@ def resume_rates(models: dict, prefix: int, new: int, rounds: int) -> dict:
     return {key: new / _median(ts[1:]) for key, ts in times.items()}
 
 
+RESUME_RUNS = [(m, False) for m in MEMBERS] + [("transformer", True)]
+
+
+def resume_point(rounds: int) -> dict:
+    """Run in a subprocess: :func:`resume_rates` of every resume run (512 after 512), as "member|hf|kind"."""
+    models = {run: build(*run) for run in RESUME_RUNS}
+    rates = resume_rates(models, 512, 512, rounds)
+    return {f"{m}|{int(hf)}|{kind}": v for ((m, hf), kind), v in rates.items()}
+
+
+def resume_across_processes(n: int, rounds: int, threads: int, cpu_time: bool) -> tuple[dict, dict]:
+    """The resume measurement in ``n`` fresh processes one after another: a process's heap and page layout
+    moves the resumed call against the fresh one by more than a run's noise (bmojo-f: 0.76-0.87 at the
+    same build), so one process is one draw. Returns tokens/s per (run, kind), the median over processes,
+    and the per-process ratios resume / fresh per run."""
+    per = []
+    for _ in range(n):
+        cmd = [sys.executable, __file__, "--threads", str(threads), "--resume-point", str(rounds)]
+        out = subprocess.run(cmd + (["--cpu-time"] if cpu_time else []), capture_output=True, text=True, check=True)
+        raw = json.loads(out.stdout.strip().splitlines()[-1])
+        per.append({((m, hf == "1"), kind): v for key, v in raw.items() for m, hf, kind in [key.split("|")]})
+    rates = {key: _median([r[key] for r in per]) for key in per[0]}
+    ratios = {run: [r[(run, "resume")] / r[(run, "fresh")] for r in per] for run in RESUME_RUNS}
+    return rates, ratios
+
+
 def padded_rates(models: dict, T: int, rounds: int) -> dict:
     """Prefill tokens/s (real tokens) of a batch of 4 left-padded rows (T, 3T/4, T/2, T/4 tokens) in one
     pass, and of the same 4 rows unpadded at full length, per bmojo run (transformers' twins have no
@@ -201,6 +229,9 @@ def main() -> int:
     p.add_argument("--cpu-time", action="store_true",
                    help="time with process CPU time instead of wall time (for a shared machine; use --threads 1)")
     p.add_argument("--memory-point", nargs=3, metavar=("MEMBER", "HF", "T"), help=argparse.SUPPRESS)
+    p.add_argument("--resume-point", type=int, metavar="ROUNDS", help=argparse.SUPPRESS)
+    p.add_argument("--resume-processes", type=int, default=None,
+                   help="processes the resume ratio is the median over (default 5; --quick: 1)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     global CLOCK
@@ -209,6 +240,9 @@ def main() -> int:
     if args.memory_point:
         member, hf, T = args.memory_point
         print(json.dumps(memory_point(member, hf == "1", int(T))))
+        return 0
+    if args.resume_point:
+        print(json.dumps(resume_point(args.resume_point)))
         return 0
 
     from bmojo.bench import format_table, machine_description
@@ -229,7 +263,8 @@ def main() -> int:
     prefill = prefill_rates(models, prefill_T, repeat)
     decode = decode_rates(models, prompts, steps, repeat)
     # twice the rounds: a ratio of two short calls, where this machine's spread shows most
-    resume = resume_rates({run: m for run, m in models.items() if run != ("mamba", True)}, 512, 512, 2 * repeat + 1)
+    n_proc = args.resume_processes or (1 if args.quick else 5)
+    resume, resume_ratios = resume_across_processes(n_proc, 2 * repeat + 1, args.threads, args.cpu_time)
     padded = padded_rates(ours, 512 if args.quick else 1024, repeat)
     compiled, compile_s = compiled_decode(ours, prompts, steps, repeat)
     for member, hf in runs:
@@ -262,14 +297,17 @@ def main() -> int:
         if (member, hf) != ("mamba", True):
             r["fresh 512 tok/s"] = resume[((member, hf), "fresh")]
             r["512 after 512 tok/s"] = resume[((member, hf), "resume")]
-            r["resume / fresh"] = r["512 after 512 tok/s"] / r["fresh 512 tok/s"]
+            ratios = resume_ratios[(member, hf)]
+            r["resume / fresh"] = _median(ratios)
+            r["resume / fresh min-max"] = f"{min(ratios):.3f}-{max(ratios):.3f}"
             # at equal FLOP rates, fresh / resumed work bounds the ratio
             r["resume / fresh at equal FLOP rate"] = work(member, 512) / (work(member, 1024) - work(member, 512))
         if not hf:
             r["padded batch tok/s"] = padded[((member, hf), "padded")]
             r["full batch tok/s"] = padded[((member, hf), "full")]
         gen_rows.append(r)
-        print(f"{r['model']}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items() if k != "model"), flush=True)
+        print(f"{r['model']}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                            for k, v in r.items() if k != "model"), flush=True)
     gen = {(row["model"]): row for row in gen_rows}
 
     P0, P1 = prompts
@@ -357,7 +395,9 @@ def main() -> int:
             f"Decode: {steps} greedy steps per round, eager (the model's forward, one token) and compiled "
             f"(`CompiledDecoding`, a cache allocated at its final size; compile time apart). Resume: one forward "
             f"of 512 new tokens after a cache of 512, against a fresh 512-token prefill of the same model (both calls "
-            f"return a cache; median of {2 * repeat + 1} rounds). Padded "
+            f"return a cache; median of {2 * repeat + 1} rounds, the resume runs taking turns), in each of {n_proc} "
+            f"fresh process(es) one after another: the ratio is the median over processes, their min-max beside it "
+            f"(the tokens/s columns: medians over processes). Padded "
             f"batch: 4 rows of T, 3T/4, T/2, T/4 tokens left-padded to T in one pass (real tokens/s), against the "
             f"4 rows unpadded.\n\n{format_table(gen_rows)}\n\n{decode_text}\n\n"
             f"## All figures\n\n{format_table(rows)}\n")
