@@ -8,8 +8,8 @@ Measures prefill tokens/s at T = 2048 and 8192, decode tokens/s after a 256- and
 and peak memory of a forward pass against T up to 32768 (each memory point in a fresh subprocess:
 peak resident set size above the size after building the model, so allocator reuse across points
 cannot hide growth; the kernel's peak-RSS mark is reset first), and the resume ratio (512 tokens after a
-512-token cache against a fresh 512-token prefill) as the median over 5 fresh processes: one process's heap
-and page layout moves that ratio by more than a run's noise. Writes benchmarks/results/cpu.md and cpu.png and prints the issue's target
+512-token cache against a fresh 512-token prefill) as the median over 5 fresh processes: that ratio moves
+between processes by more than a run's noise (cause not isolated). Writes benchmarks/results/cpu.md and cpu.png and prints the issue's target
 ratios, each measured in this same run.
 
     python benchmarks/cpu.py              # the full run (about 15-25 minutes on 2 cores)
@@ -157,9 +157,9 @@ def resume_point(rounds: int) -> dict:
 
 
 def resume_across_processes(n: int, rounds: int, threads: int, cpu_time: bool) -> tuple[dict, dict]:
-    """The resume measurement in ``n`` fresh processes one after another: a process's heap and page layout
-    moves the resumed call against the fresh one by more than a run's noise (bmojo-f: 0.76-0.87 at the
-    same build), so one process is one draw. Returns tokens/s per (run, kind), the median over processes,
+    """The resume measurement in ``n`` fresh processes one after another: the ratio moves between processes
+    by more than a run's noise (bmojo-f: 0.76-0.87 at the same build; cause not isolated), so one process is
+    one draw. Returns tokens/s per (run, kind), the median over processes,
     and the per-process ratios resume / fresh per run."""
     per = []
     for _ in range(n):

@@ -871,6 +871,7 @@ def write_report(cache: dict, results: str, part=None) -> str:
         ref = best_lr(cache, LR_CHECK_MEMBER, s)
         kv = SETTINGS[s]["num_kv_pairs"]
         off = (1 + 1 / kv) / 2  # a run above this left the 1/K copy plateau
+        left = lambda a: a is not None and a > off  # noqa: E731
         rows = []
         for m in SSM_MEMBERS:
             accs = [cached(cache, run_spec(m, s, SWEEP_BUDGET, ref, seed=x)) for x in SEEDS] if ref else []
@@ -889,11 +890,10 @@ def write_report(cache: dict, results: str, part=None) -> str:
                       "|---|---|---|---|---|"]
             for m, accs, own in rows:
                 per_seed = " / ".join("diverged" if a is None else _pct(a) for a in accs)
-                left = sum(a is not None and a > off for a in accs)
-                lines.append(f"| {m} | {best_lr(cache, m, s):g} | {per_seed} | {left} of {len(accs)} | "
+                lines.append(f"| {m} | {best_lr(cache, m, s):g} | {per_seed} | {sum(map(left, accs))} of {len(accs)} | "
                              f"{_span(own) if own else '-'} |")
-            others = [(a is not None and a > off) for m, accs, _ in rows if m != LR_CHECK_MEMBER for a in accs]
-            mine = [(a is not None and a > off) for m, accs, _ in rows if m == LR_CHECK_MEMBER for a in accs]
+            others = [left(a) for m, accs, _ in rows if m != LR_CHECK_MEMBER for a in accs]
+            mine = [left(a) for m, accs, _ in rows if m == LR_CHECK_MEMBER for a in accs]
             lines += ["", f"- **at {LR_CHECK_MEMBER}'s lr**: {LR_CHECK_MEMBER} left the plateau in {sum(mine)} of "
                           f"{len(mine)} runs, the other members in {sum(others)} of {len(others)}"]
 

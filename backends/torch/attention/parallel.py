@@ -82,6 +82,12 @@ def _pick_block(window: int, target: int) -> int:
     return target
 
 
+def _key_major(x: torch.Tensor) -> torch.Tensor:
+    """x with its last two dims stored transposed (same values): a bias laid out like the key-major scores
+    it is added to (see the inference path of :func:`_banded`)."""
+    return x.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
 def _edge_biases(span: int, nbx: int, Bq: int, device: torch.device,
                  key_major: bool = False) -> tuple[tuple[int, int, torch.Tensor], ...]:
     """The column blocks of a band that are only partly visible, with their additive bias (Bq, Bq).
@@ -107,7 +113,7 @@ def _make_edge_biases(span: int, nbx: int, Bq: int, device: torch.device, key_ma
         rel = torch.arange(kb * Bq, (kb + 1) * Bq, device=device)[None, :] - nbx * Bq - torch.arange(Bq, device=device)[:, None]
         visible = (rel <= 0) & (rel > -span)
         bias = torch.zeros(Bq, Bq, device=device).masked_fill_(~visible, float("-inf"))
-        out.append((kb * Bq, (kb + 1) * Bq, bias.t().contiguous().t() if key_major else bias))
+        out.append((kb * Bq, (kb + 1) * Bq, _key_major(bias) if key_major else bias))
     return tuple(out)
 
 
@@ -211,10 +217,7 @@ def _banded(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_vali
                 vis = vis.reshape(b, n_blk, 1, Sm)
             mem_bias = torch.zeros(vis.shape, device=device).masked_fill_(~vis, NEG)
             mem_bias = mem_bias[:, None].expand(b, Hkv, *vis.shape[1:])
-            if grad:
-                mem_bias = mem_bias.reshape(Ntot, 1, vis.shape[2], Sm)
-            else:  # stored key-major, like the scores it is added to
-                mem_bias = mem_bias.transpose(-1, -2).reshape(Ntot, 1, Sm, vis.shape[2]).transpose(-1, -2)
+            mem_bias = (mem_bias if grad else _key_major(mem_bias)).reshape(Ntot, 1, vis.shape[2], Sm)
 
     # groups of query blocks, each under the score budget. When a segment's leading fading-free blocks
     # hold enough work, they form groups without the fading band; else blocks are grouped as they come
@@ -714,10 +717,7 @@ def _resumed(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_val
         mem_bias = torch.zeros(n_blk, b, Bq, Sm, device=device).masked_fill_(
             ~vis.reshape(b, n_blk, Bq, Sm).transpose(0, 1), NEG)
         mem_bias = mem_bias[:, :, None].expand(n_blk, b, Hkv, Bq, Sm)
-        if grad:
-            mem_bias = mem_bias.reshape(n_blk, segs, 1, Bq, Sm)
-        else:  # stored key-major, like the scores it is added to
-            mem_bias = mem_bias.transpose(-1, -2).reshape(n_blk, segs, 1, Sm, Bq).transpose(-1, -2)
+        mem_bias = (mem_bias if grad else _key_major(mem_bias)).reshape(n_blk, segs, 1, Bq, Sm)
 
     S = Sw + Sf + Sm
     per_group = max(1, min(segs, budget // (RB * S * 4)))  # segments per step: block j of each
