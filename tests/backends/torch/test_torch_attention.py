@@ -265,6 +265,12 @@ RESUME_CASES = [
     (2, 5, 2, 1, 16, 4, 3, 0, (5, 30), 64, (2, 4)),  # fewer keys given than the bands reach back: the rest absent
     (1, 11, 2, 1, 8, 6, 9, 2, (20,), 4, (0, 3)),     # no earlier key, 3 earlier fading keys, several blocks
     (2, 19, 4, 2, 8, 8, 5, 2, (16, 40), 4),    # starts on block boundaries: no block crosses a memory chunk
+    # m_f = w: window and fading row blocks interleaved in one group (unless q_fading scores the fading keys)
+    (1, 24, 2, 2, 8, 8, 8, 0, (16,), 4, (8, 8)),     # a full window, the fading keys of its tokens only
+    (2, 29, 4, 2, 8, 8, 8, 2, (5, 40), 4),     # GQA, T > w, memory, row 0 with keys at negative positions
+    (2, 11, 2, 1, 8, 8, 8, 0, (3, 30), 4, (2, 13)),  # fading keys reach back further than the window's
+    (1, 10, 2, 2, 8, 8, 8, 2, (20,), 4, (8, 2)),     # the window reaches back further than the fading keys
+    (2, 13, 2, 1, 8, 12, 12, 1, (7, 19), 64, (12, 5)),  # one block of 12 (the window)
 ]
 
 
