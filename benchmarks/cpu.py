@@ -405,18 +405,20 @@ def main() -> int:
     suffix = ("-quick" if args.quick else "") + (f"-{args.threads}thread-cputime" if args.cpu_time else "")
     with open(os.path.join(RESULTS, f"cpu{suffix}.md"), "w") as fh:
         fh.write(text)
-    plot(rows, prefill_T, prompts, mem_T, os.path.join(RESULTS, f"cpu{suffix}.png"), machine)
+    plot(rows, gen_rows, prefill_T, prompts, mem_T, os.path.join(RESULTS, f"cpu{suffix}.png"), machine)
     print("\n" + text)
     return 0
 
 
-def plot(rows, prefill_T, prompts, mem_T, path, machine):
+def plot(rows, gen_rows, prefill_T, prompts, mem_T, path, machine):
+    """Prefill and decode tokens/s, peak memory against T, and the resume ratio (512 after 512 vs a fresh
+    512: the median over processes, their range as a bar, the bound at equal FLOP rate, the 0.8 goal)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.8))
     names = [r["model"] for r in rows]
     x = range(len(names))
     width = 0.4
@@ -437,6 +439,19 @@ def plot(rows, prefill_T, prompts, mem_T, path, machine):
     axes[2].set_xlabel("T")
     axes[2].set_title("peak memory of a forward (MiB)")
     axes[2].legend(fontsize=7)
+    resumed = [r for r in gen_rows if "resume / fresh" in r]
+    for j, r in enumerate(resumed):
+        lo, hi = (float(v) for v in r["resume / fresh min-max"].split("-"))
+        axes[3].bar(j, r["resume / fresh"], 0.6, color="tab:blue", label="median over processes" if j == 0 else None)
+        axes[3].errorbar(j, r["resume / fresh"], yerr=[[r["resume / fresh"] - lo], [hi - r["resume / fresh"]]],
+                         color="black", capsize=3, label="min-max over processes" if j == 0 else None)
+        axes[3].plot([j - 0.3, j + 0.3], [r["resume / fresh at equal FLOP rate"]] * 2, color="tab:orange",
+                     label="bound at equal FLOP rate" if j == 0 else None)
+    axes[3].axhline(0.8, color="tab:red", linestyle="--", linewidth=1, label="goal 0.8")
+    axes[3].set_xticks(range(len(resumed)), [r["model"] for r in resumed], rotation=35, ha="right", fontsize=8)
+    axes[3].set_ylim(0.5, 1.3)
+    axes[3].set_title("512 tokens after 512 / a fresh 512 (tokens/s)")
+    axes[3].legend(fontsize=7, loc="upper center", ncol=2)
     fig.suptitle(machine, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -104,6 +104,24 @@ def test_cpu_benchmark_interleaved_decode_rates():
     assert all(r > 0 for r in rates.values())
 
 
+def test_cpu_benchmark_plot(tmp_path):
+    """benchmarks/cpu.py's figure draws every panel, the resume ratios only for the rows that have one
+    (transformers' Mamba has none)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "cpu.py")
+    spec = importlib.util.spec_from_file_location("bench_cpu", path)
+    cpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cpu)
+    rows = [{"model": m, "prefill tok/s T=64": 10.0, "decode tok/s after 8": 5.0, "peak MiB T=64": 1.0,
+             "peak MiB T=128": 2.0} for m in ("bmojo", "hf MambaForCausalLM")]
+    gen_rows = [{"model": "bmojo", "resume / fresh": 0.85, "resume / fresh min-max": "0.820-0.880",
+                 "resume / fresh at equal FLOP rate": 0.78}, {"model": "hf MambaForCausalLM"}]
+    out = tmp_path / "cpu.png"
+    cpu.plot(rows, gen_rows, [64], [8], [64, 128], str(out), "test machine")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 # -- memory: points that cannot fit are refused before anything is allocated ---------------------------
 
 def test_a_context_too_large_for_memory_is_refused_up_front(ckpt_root, tmp_path):
