@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -622,6 +623,17 @@ def _chunks_per_block(start: torch.Tensor, w: int, Bq: int, n_blk: int) -> int:
     return 1 if all((p + j * Bq) % w + Bq <= w for p in phases for j in range(n_blk)) else 2
 
 
+class _KeyKind(NamedTuple):
+    """One kind of key a resumed query block reads (window or fading), in its segment layout."""
+
+    keys: torch.Tensor  # (b, n, Hkv, D)
+    values: torch.Tensor  # (b, n, Hkv, D)
+    row0: int  # the row of keys[0]
+    nb: int  # key blocks of the band before the query's own
+    span: int  # the band's width in positions (w or m_f)
+    row_p0: int  # the row of position 0
+
+
 def _resumed(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_valid, scale, return_lse, Bq,
              budget, q_start, q_fading=None):
     """Queries at positions q_start + j (per row) after keys that precede them: a decoding state's
@@ -681,15 +693,14 @@ def _resumed(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_val
         return xb.reshape(n_blk, segs, RB, D)
 
     qb = query_blocks(q)
-    # per kind, "w" (window) and "f" (fading): keys, values, the row of key 0, band blocks before the
-    # query's own, band width, the row of position 0
-    kinds = {"w": (k, v, O - Pk, nb, w, O)}
+    # the two kinds of keys, "w" (window) and "f" (fading)
+    kinds = {"w": _KeyKind(k, v, O - Pk, nb, w, O)}
     if fading:  # fading key i at row O + w - Pf + i: the band of the sequence shifted by w, as in _banded
-        kinds["f"] = (k_fading, v_fading, O + w - Pf, nbf, m_f, O + w)
+        kinds["f"] = _KeyKind(k_fading, v_fading, O + w - Pf, nbf, m_f, O + w)
     first, clear = {}, {}
-    for kind, (_, _, row0, _, _, row_p0) in kinds.items():
-        first[kind] = row0 // Bq  # the first row block holding a given key
-        clear[kind] = max(row0, row_p0 - lowest)  # rows from here hold a key at a position >= 0 in every batch row
+    for kind, kk in kinds.items():
+        first[kind] = kk.row0 // Bq  # the first row block holding a given key
+        clear[kind] = max(kk.row0, kk.row_p0 - lowest)  # rows from here hold keys at positions >= 0 in every batch row
 
     # the groups: the (kind, row block) items of each in order, the query that scores them, and for the
     # interleaved group (one kind's own blocks lo..hi-1, then pairs) that kind, lo and hi
@@ -716,10 +727,16 @@ def _resumed(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_val
             write(pairs[:, :, :, 1], "f", hi)
         return buf.view(segs, len(order) * Bq, *shape)
 
-    K_g, V_g = ([arrange(lambda out, kind, a0: _layout_blocks(out, kinds[kind][i], kinds[kind][2], a0), order, single, D)
-                 for order, _, single in groups] for i in (0, 1))
-    edges = {kind: {c0 // Bq: e for c0, _, e in _edge_biases(span, nbx, Bq, device, key_major=not grad)}
-             for kind, (_, _, _, nbx, span, _) in kinds.items()}
+    def write_keys(out, kind, a0):
+        _layout_blocks(out, kinds[kind].keys, kinds[kind].row0, a0)
+
+    def write_values(out, kind, a0):
+        _layout_blocks(out, kinds[kind].values, kinds[kind].row0, a0)
+
+    K_g = [arrange(write_keys, order, single, D) for order, _, single in groups]
+    V_g = [arrange(write_values, order, single, D) for order, _, single in groups]
+    edges = {kind: {c0 // Bq: e for c0, _, e in _edge_biases(kk.span, kk.nb, Bq, device, key_major=not grad)}
+             for kind, kk in kinds.items()}
 
     # per query block j: the runs (group, first item, end item) it reads, in score-column order; the
     # partly visible blocks (column, edge bias); the runs needing the key bias (columns, group, items)
@@ -729,7 +746,7 @@ def _resumed(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_val
         runs, edge_masks, bias_runs, c = [], [], [], 0
         for g, (order, _, _) in enumerate(groups):
             # the band of each kind in the group: row blocks max(first, n_pre + j - nbx) .. n_pre + j
-            lows = {kind: max(first[kind], n_pre + j - kinds[kind][3]) for kind in kinds if (kind, NA - 1) in index[g]}
+            lows = {kind: max(first[kind], n_pre + j - kinds[kind].nb) for kind in kinds if (kind, NA - 1) in index[g]}
             lows = {kind: a for kind, a in lows.items() if a <= n_pre + j}
             if not lows:
                 continue
@@ -738,7 +755,7 @@ def _resumed(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_val
             # both orders are built so that the bands are one run with nothing else in it
             assert p1 - p0 == sum(n_pre + j + 1 - a for a in lows.values()), "a band is not one run of its group"
             for p, (kind, a) in enumerate(order[p0:p1], p0):
-                e = edges[kind].get(a - (n_pre + j - kinds[kind][3]))
+                e = edges[kind].get(a - (n_pre + j - kinds[kind].nb))
                 if e is not None:
                     edge_masks.append((c + (p - p0) * Bq, e))
             if any(a * Bq < clear[kind] for kind, a in order[p0:p1]):
@@ -751,7 +768,7 @@ def _resumed(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_val
 
         def key_bias(out, kind, a0):
             """-inf where the key's position is negative (before the row's first token) or no key is given."""
-            _, _, row0, _, _, row_p0 = kinds[kind]
+            row0, row_p0 = kinds[kind].row0, kinds[kind].row_p0
             r = rows[a0 * Bq : a0 * Bq + out.shape[2] * Bq].view(-1, Bq)
             out.copy_(torch.zeros(b, *r.shape, device=device).masked_fill_(
                 (r - row_p0 + start[:, None, None] < 0) | (r < row0), NEG)[:, None])
