@@ -112,3 +112,16 @@ def test_a_failing_compiler_warns_once_and_decodes_eagerly(model, monkeypatch):
 def test_a_cache_that_can_grow_is_refused(model):
     with pytest.raises(ValueError, match="max_length"):
         CompiledDecoding(model).step(torch.zeros(1, 1, dtype=torch.long), BMojoCache(model.config, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_as_buffer_is_exact_when_compiled(dtype):
+    """as_buffer (the rotated query of a compiled decoding step) is x itself, to the bit, eager and compiled."""
+    from bmojo.layers.common import as_buffer
+
+    x = torch.randn(3, 4, 64).to(dtype)
+    cos, sin = torch.randn(64).to(dtype), torch.randn(64).to(dtype)
+    fn = lambda t: as_buffer(t * cos + t.flip(-1) * sin)  # noqa: E731
+    want = x * cos + x.flip(-1) * sin
+    assert torch.equal(as_buffer(want), want)
+    assert torch.equal(torch.compile(fn, fullgraph=True, backend="aot_eager")(x), want)

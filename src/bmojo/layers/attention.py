@@ -9,9 +9,8 @@ from torch import nn
 from .. import ops as op_api
 from ..cache import LayerState, fading_keeps_ssm_outputs, gather_positions
 from ..configuration_bmojo import BMojoConfig
-from .common import apply_rotary
+from .common import BMojoRMSNorm, apply_rotary, as_buffer
 from .eidetic import ChunkMemory, EideticMemory
-from .common import BMojoRMSNorm, apply_rotary
 from .mamba import BMojoMambaMixer
 from .mamba2 import BMojoMamba2Mixer
 
@@ -325,6 +324,8 @@ class BMojoAttention(nn.Module):
         ops = self.kernels.on(u.device)
         q, k, v = self._qkv(u[:, None], rope)  # (b, 1, H, D)
         q, k, v = q[:, 0], k[:, 0], v[:, 0]
+        if rope is not None:  # compiled: rotated once, not once per cached key
+            q = as_buffer(q)
         if self.window is None:
             kv, n = state.kv, seen  # this token's slot in the (left-aligned) cache
             if torch.is_tensor(n):  # compiled decoding: a preallocated cache, read whole under its validity
@@ -365,6 +366,7 @@ class BMojoAttention(nn.Module):
                 sources.append(fading.ring.positions(evicted))
                 if self.fading_query:
                     q_fading = self._fading_q(u[:, None], rope)[:, 0]
+                    q_fading = q_fading if rope is None else as_buffer(q_fading)
         if self.eidetic is not None:
             memory = state.eidetic
             self.eidetic.step(memory, state.window, f, t, boundary)
