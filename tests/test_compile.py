@@ -39,8 +39,8 @@ def test_compiled_step_equals_eager_for_200_tokens_with_one_graph(model):
 
 
 def test_compiled_step_over_a_long_full_attention_cache_equals_eager():
-    """Over 1024+ cached keys with one query head per kv head, the compiled step takes the matrix-product
-    form of the decoding attention (see backends/torch/attention/decode.py); it must equal the eager step."""
+    """Over 1024+ cached keys with one query head per kv head (inductor's mul + sum loop over a long cache,
+    with a RoPE'd query held in a buffer), the compiled step equals the eager step."""
     torch.manual_seed(2)
     model = lively(BMojoForCausalLM(tiny_config(["attention", "sliding_attention"], rope_theta=10000.0,
                                                 num_key_value_heads=None))).eval()

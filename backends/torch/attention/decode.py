@@ -14,8 +14,6 @@ import math
 
 import torch
 
-_LONG_SEGMENT = 1024  # keys from which a matrix product beats inductor's mul + sum loop (measured on CPU)
-
 
 def attention_decode_torch(
     q: torch.Tensor | tuple[torch.Tensor, ...],
@@ -33,17 +31,13 @@ def attention_decode_torch(
     Hkv = ks[0].shape[2]
     R = Hq // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    # inductor lowers a CPU bmm with one row (R = 1) to a mul + sum loop: faster than BLAS over a window of
-    # 512 keys, 1.5x slower over 16K. When compiling over a long segment a zero row keeps both products matrix
-    # products (the extra row is dropped).
-    long = max(ki.shape[1] for ki in ks) >= _LONG_SEGMENT
-    rows = 2 if R == 1 and long and torch.compiler.is_compiling() else R
+    # compiled on CPU, a product with one query row (R = 1) becomes inductor's mul + sum loop: faster than BLAS
+    # over a 512-key window and over a 16K cache alike (11 vs 28 ms a transformer step at 16K), as long as the
+    # query is a buffer, not recomputed per key (see layers.common.as_buffer)
     qg = [qi.float().reshape(b, Hkv, R, D) for qi in qs]
-    if rows != R:
-        qg = [torch.cat([qi, torch.zeros_like(qi)], 2) for qi in qg]
     if len(qg) == 1:
         qg = qg * len(ks)
-    parts = [torch.matmul(qi, ki.float().permute(0, 2, 3, 1)) for qi, ki in zip(qg, ks)]  # (b, Hkv, rows, S_i)
+    parts = [torch.matmul(qi, ki.float().permute(0, 2, 3, 1)) for qi, ki in zip(qg, ks)]  # (b, Hkv, R, S_i)
     scores = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
     scores.mul_(scale)
     if valid is not None:
@@ -56,7 +50,7 @@ def attention_decode_torch(
         term = torch.matmul(p[..., start : start + n], vi.float().permute(0, 2, 1, 3))  # (b, Hkv, R, D)
         o = term if o is None else o.add_(term)
         start += n
-    return o[:, :, :R].reshape(b, Hq, D).to(qs[0].dtype)
+    return o.reshape(b, Hq, D).to(qs[0].dtype)
 
 
 attention_decode_torch.segments = True  # reads a cache held in segments in place
