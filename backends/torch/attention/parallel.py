@@ -727,14 +727,12 @@ def _resumed(q, k, v, w, k_fading, v_fading, m_f, k_memory, v_memory, memory_val
             write(pairs[:, :, :, 1], "f", hi)
         return buf.view(segs, len(order) * Bq, *shape)
 
-    def write_keys(out, kind, a0):
-        _layout_blocks(out, kinds[kind].keys, kinds[kind].row0, a0)
+    def writer(field: str):
+        """Writes a kind's keys or values (``field``) into a group's buffer."""
+        return lambda out, kind, a0: _layout_blocks(out, getattr(kinds[kind], field), kinds[kind].row0, a0)
 
-    def write_values(out, kind, a0):
-        _layout_blocks(out, kinds[kind].values, kinds[kind].row0, a0)
-
-    K_g = [arrange(write_keys, order, single, D) for order, _, single in groups]
-    V_g = [arrange(write_values, order, single, D) for order, _, single in groups]
+    K_g, V_g = ([arrange(writer(field), order, single, D) for order, _, single in groups]
+                for field in ("keys", "values"))
     edges = {kind: {c0 // Bq: e for c0, _, e in _edge_biases(kk.span, kk.nb, Bq, device, key_major=not grad)}
              for kind, kk in kinds.items()}
 

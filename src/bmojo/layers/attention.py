@@ -366,7 +366,8 @@ class BMojoAttention(nn.Module):
                 sources.append(fading.ring.positions(evicted))
                 if self.fading_query:
                     q_fading = self._fading_q(u[:, None], rope)[:, 0]
-                    q_fading = q_fading if rope is None else as_buffer(q_fading)
+                    if rope is not None:  # as q
+                        q_fading = as_buffer(q_fading)
         if self.eidetic is not None:
             memory = state.eidetic
             self.eidetic.step(memory, state.window, f, t, boundary)
